@@ -1,0 +1,218 @@
+//! `builder build` and `builder render`: plan, render and pack each layer
+//! (or take it from the cache), then write the outputs.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Context, Result};
+use serde::Serialize;
+
+use crate::bundle;
+use crate::cache::{self, Cache};
+use crate::digest::Digest;
+use crate::manifest::{Manifest, ManifestLayer, SCHEMA};
+use crate::outdir::OutDir;
+use crate::pack;
+use crate::plan::{self, Plan, SiteInput};
+use crate::progress::Progress;
+use crate::project::Project;
+use crate::render;
+use crate::tree::{Content, Node, Tree};
+
+pub struct BuildRequest {
+    pub project: Project,
+    pub profile: String,
+    pub input: SiteInput,
+    pub out: PathBuf,
+    pub cache_dir: PathBuf,
+    pub epoch: u64,
+}
+
+/// What `build --json` prints (versioned).
+#[derive(Debug, Serialize)]
+pub struct BuildReport {
+    pub version: u32,
+    pub profile: String,
+    pub bundle: PathBuf,
+    pub bundle_digest: Digest,
+    pub manifest: PathBuf,
+    pub layers: Vec<LayerReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LayerReport {
+    pub name: String,
+    pub diff_id: Digest,
+    pub digest: Digest,
+    pub cached: bool,
+}
+
+pub fn build(req: &BuildRequest, progress: &mut Progress) -> Result<BuildReport> {
+    let plan = plan::plan(&req.project, &req.profile, &req.input)?;
+    let cache = Cache::open(req.cache_dir.clone())?;
+
+    progress.start(
+        plan.layers.len() as u64,
+        &format!("building profile {}", plan.profile.name),
+    );
+    let mut layers = Vec::new();
+    let mut reports = Vec::new();
+    for layer in &plan.layers {
+        progress.working(&layer.name);
+        let values = plan.values_for(layer);
+        let key = cache::layer_key(layer, &serde_json::to_value(&values)?, req.epoch);
+        let (packed, cached) = match cache.get(&key)? {
+            Some(packed) => (packed, true),
+            None => {
+                let packed = cache.put(&key, |out| {
+                    let tree = render::layer_tree(layer, &values)?;
+                    Ok(pack::pack(&tree, req.epoch, out)?.1)
+                })?;
+                (packed, false)
+            }
+        };
+        progress.item_done(&format!(
+            "layer {:<16} {} {}",
+            layer.name,
+            if cached { "cached" } else { "packed" },
+            packed.diff_id
+        ));
+        reports.push(LayerReport {
+            name: layer.name.clone(),
+            diff_id: packed.diff_id,
+            digest: packed.digest,
+            cached,
+        });
+        layers.push(ManifestLayer {
+            name: layer.name.clone(),
+            description: layer.def.description.clone(),
+            diff_id: packed.diff_id,
+            digest: packed.digest,
+            size: packed.size,
+            compressed_size: packed.compressed_size,
+            files: packed.entries,
+        });
+    }
+    progress.finish();
+
+    let manifest = Manifest {
+        schema: SCHEMA,
+        builder_version: env!("CARGO_PKG_VERSION").to_string(),
+        profile: plan.profile.name.clone(),
+        epoch: req.epoch,
+        values: plan.used_public_values(),
+        layers,
+    };
+    let bundle_name = format!("{}.bundle.tar", plan.profile.name);
+    let manifest_name = format!("{}.manifest.json", plan.profile.name);
+    let mut out = OutDir::open(&req.out)?;
+    let bundle_digest = out.stage(&bundle_name, |w| {
+        bundle::write(&manifest, |d| cache.blob_path(d), w)?;
+        Ok(())
+    })?;
+    out.stage(&manifest_name, |w| {
+        Ok(w.write_all(&manifest.to_canonical_json())?)
+    })?;
+    let report = BuildReport {
+        version: 1,
+        profile: plan.profile.name.clone(),
+        bundle: out.path_of(&bundle_name),
+        bundle_digest,
+        manifest: out.path_of(&manifest_name),
+        layers: reports,
+    };
+    out.commit()?;
+    progress.note(&format!(
+        "wrote {} ({bundle_digest})",
+        report.bundle.display()
+    ));
+    Ok(report)
+}
+
+/// The merged tree of all layers of a plan, as the image would hold it.
+pub fn merged_tree(plan: &Plan) -> Result<Tree> {
+    let mut merged = Tree::new();
+    let mut owners = BTreeMap::new();
+    for layer in &plan.layers {
+        let tree = render::layer_tree(layer, &plan.values_for(layer))?;
+        render::overlay(&mut merged, &mut owners, &tree, &layer.name)?;
+    }
+    Ok(merged)
+}
+
+/// Writes the merged rendered tree into `out`, which must not exist yet (or
+/// be empty). Staged in a sibling directory and renamed into place.
+pub fn render_to_dir(
+    project: &Project,
+    profile: &str,
+    input: &SiteInput,
+    out: &Path,
+) -> Result<usize> {
+    let plan = plan::plan(project, profile, input)?;
+    let tree = merged_tree(&plan)?;
+    if out.exists() {
+        let empty = out.is_dir() && fs::read_dir(out)?.next().is_none();
+        if !empty {
+            return Err(anyhow!(
+                "--out {} already exists and is not empty; remove it or choose another directory",
+                out.display()
+            ));
+        }
+        fs::remove_dir(out).with_context(|| format!("replacing {}", out.display()))?;
+    }
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".render-")
+        .tempdir_in(&parent)?;
+    write_tree(&tree, staging.path())?;
+    let staged = staging.keep();
+    fs::rename(&staged, out)
+        .with_context(|| format!("moving the rendered tree to {}", out.display()))?;
+    Ok(tree.len())
+}
+
+/// Writes a tree to disk with its modes; owners too when running as root.
+fn write_tree(tree: &Tree, root: &Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let as_root = rustix::process::geteuid().is_root();
+    let mut dirs = Vec::new();
+    for (path, entry) in tree.iter() {
+        let dest = root.join(std::ffi::OsStr::from_bytes(path));
+        match &entry.node {
+            Node::Dir => {
+                fs::create_dir_all(&dest)?;
+                dirs.push((dest.clone(), entry.mode));
+            }
+            Node::File(Content::Bytes(bytes)) => {
+                fs::write(&dest, bytes).with_context(|| format!("writing {}", dest.display()))?;
+                fs::set_permissions(&dest, fs::Permissions::from_mode(entry.mode))?;
+            }
+            Node::File(Content::File { path: src, .. }) => {
+                fs::copy(src, &dest).with_context(|| format!("writing {}", dest.display()))?;
+                fs::set_permissions(&dest, fs::Permissions::from_mode(entry.mode))?;
+            }
+            Node::Symlink(target) => symlink(std::ffi::OsStr::from_bytes(target), &dest)?,
+            Node::Device { .. } => {
+                return Err(anyhow!(
+                    "{}: device nodes are not written by render",
+                    dest.display()
+                ))
+            }
+        }
+        if as_root {
+            std::os::unix::fs::lchown(&dest, Some(entry.uid), Some(entry.gid))?;
+        }
+    }
+    // Directory modes last, deepest first, so a read-only directory does not
+    // stop its own children from being written.
+    for (dir, mode) in dirs.into_iter().rev() {
+        fs::set_permissions(&dir, fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
+}

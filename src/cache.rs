@@ -1,0 +1,126 @@
+//! The content-addressed layer cache: packed blobs under
+//! `blobs/sha256/<digest>` and, per layer input key, a record of what
+//! packing those inputs produced. Same inputs → no repacking.
+
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use sha2::{Digest as _, Sha256};
+
+use crate::digest::{Digest, HashingReader};
+use crate::layer::{field, Layer};
+use crate::pack::Packed;
+use crate::pgzip;
+
+pub struct Cache {
+    root: PathBuf,
+}
+
+/// The cache directory: `explicit`, else $BUILDER_CACHE_DIR, else
+/// $XDG_CACHE_HOME/builder, else ~/.cache/builder.
+pub fn default_dir(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(p) = env("BUILDER_CACHE_DIR") {
+        return Ok(p);
+    }
+    if let Some(p) = env("XDG_CACHE_HOME") {
+        return Ok(p.join("builder"));
+    }
+    if let Some(home) = env("HOME") {
+        return Ok(home.join(".cache").join("builder"));
+    }
+    anyhow::bail!("no cache directory: set --cache-dir, BUILDER_CACHE_DIR, XDG_CACHE_HOME or HOME")
+}
+
+/// The inputs that decide a layer's bytes: builder version and compression
+/// settings, the layer's own files, the values it reads, the epoch.
+pub fn layer_key(layer: &Layer, values: &serde_json::Value, epoch: u64) -> Digest {
+    let mut h = Sha256::new();
+    field(&mut h, b"builder layer cache v1");
+    field(&mut h, env!("CARGO_PKG_VERSION").as_bytes());
+    field(
+        &mut h,
+        format!("gzip level {} chunk {}", pgzip::LEVEL, pgzip::CHUNK_SIZE).as_bytes(),
+    );
+    field(&mut h, layer.name.as_bytes());
+    field(&mut h, &layer.source_hash());
+    field(
+        &mut h,
+        &serde_json::to_vec(values).expect("JSON values serialise"),
+    );
+    field(&mut h, &epoch.to_le_bytes());
+    let digest: [u8; 32] = h.finalize().into();
+    Digest::of(&digest)
+}
+
+impl Cache {
+    pub fn open(root: PathBuf) -> Result<Cache> {
+        for sub in ["blobs/sha256", "layers", "tmp"] {
+            let dir = root.join(sub);
+            fs::create_dir_all(&dir)
+                .with_context(|| format!("creating cache directory {}", dir.display()))?;
+        }
+        Ok(Cache { root })
+    }
+
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.root.join("blobs/sha256").join(digest.hex())
+    }
+
+    fn record_path(&self, key: &Digest) -> PathBuf {
+        self.root.join("layers").join(format!("{}.json", key.hex()))
+    }
+
+    /// The packed layer for `key`, if the record and an intact blob exist.
+    /// The blob is re-hashed: a damaged cache must not reach a bundle.
+    pub fn get(&self, key: &Digest) -> Result<Option<Packed>> {
+        let record = match fs::read(self.record_path(key)) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).context("reading the layer cache"),
+        };
+        let Ok(packed) = serde_json::from_slice::<Packed>(&record) else {
+            return Ok(None);
+        };
+        let Ok(file) = File::open(self.blob_path(&packed.digest)) else {
+            return Ok(None);
+        };
+        let (digest, size) = HashingReader::new(file)
+            .finish()
+            .context("reading a cached blob")?;
+        Ok((digest == packed.digest && size == packed.compressed_size).then_some(packed))
+    }
+
+    /// Packs with `write` into a temporary file and files the blob and the
+    /// record under their names.
+    pub fn put(
+        &self,
+        key: &Digest,
+        write: impl FnOnce(&mut dyn Write) -> Result<Packed>,
+    ) -> Result<Packed> {
+        let tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))
+            .context("creating a cache file")?;
+        let mut out = BufWriter::new(tmp.as_file());
+        let packed = write(&mut out)?;
+        out.flush().context("writing a cache file")?;
+        drop(out);
+        tmp.persist(self.blob_path(&packed.digest))
+            .context("storing a blob in the cache")?;
+        let record = tempfile::NamedTempFile::new_in(self.root.join("tmp"))
+            .context("creating a cache file")?;
+        serde_json::to_writer(record.as_file(), &packed).context("writing a cache record")?;
+        record
+            .persist(self.record_path(key))
+            .context("storing a cache record")?;
+        Ok(packed)
+    }
+}

@@ -1,0 +1,114 @@
+//! Writing into `--out` so that a failed build leaves nothing half written:
+//! every file is staged as a temporary file beside its final name and all
+//! are renamed into place only when every one of them is complete.
+//! `SHA256SUMS` in the directory is updated last, keeping the lines of
+//! other builds' files.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Context, Result};
+use tempfile::NamedTempFile;
+
+use crate::digest::{Digest, HashingWriter};
+
+pub const SUMS: &str = "SHA256SUMS";
+
+pub struct OutDir {
+    dir: PathBuf,
+    created: bool,
+    staged: Vec<(NamedTempFile, String, Digest)>,
+    committed: bool,
+}
+
+impl OutDir {
+    pub fn open(dir: &Path) -> Result<OutDir> {
+        if dir.exists() && !dir.is_dir() {
+            return Err(anyhow!(
+                "--out {} exists and is not a directory",
+                dir.display()
+            ));
+        }
+        let created = !dir.exists();
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(OutDir {
+            dir: dir.to_path_buf(),
+            created,
+            staged: Vec::new(),
+            committed: false,
+        })
+    }
+
+    pub fn path_of(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Writes `name` into a temporary file; returns its digest.
+    pub fn stage(
+        &mut self,
+        name: &str,
+        write: impl FnOnce(&mut dyn Write) -> Result<()>,
+    ) -> Result<Digest> {
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .tempfile_in(&self.dir)
+            .with_context(|| format!("creating a temporary file in {}", self.dir.display()))?;
+        let mut out = HashingWriter::new(BufWriter::new(tmp.as_file()));
+        write(&mut out).with_context(|| format!("writing {name}"))?;
+        let (mut buffered, digest, _) = out.finish();
+        buffered
+            .flush()
+            .with_context(|| format!("writing {name}"))?;
+        drop(buffered);
+        // Outputs hold no secrets; tempfile's 0600 would only get in the way.
+        tmp.as_file()
+            .set_permissions(fs::Permissions::from_mode(0o644))?;
+        tmp.as_file()
+            .sync_all()
+            .with_context(|| format!("writing {name}"))?;
+        self.staged.push((tmp, name.to_string(), digest));
+        Ok(digest)
+    }
+
+    /// Renames every staged file into place, then updates SHA256SUMS.
+    pub fn commit(mut self) -> Result<()> {
+        let sums_path = self.dir.join(SUMS);
+        let mut sums: BTreeMap<String, String> = match fs::read_to_string(&sums_path) {
+            Ok(text) => text
+                .lines()
+                .filter_map(|l| l.split_once("  "))
+                .filter(|(_, name)| self.dir.join(name).is_file())
+                .map(|(d, n)| (n.to_string(), d.to_string()))
+                .collect(),
+            Err(_) => BTreeMap::new(),
+        };
+        for (tmp, name, digest) in self.staged.drain(..) {
+            let dest = self.dir.join(&name);
+            tmp.persist(&dest)
+                .with_context(|| format!("moving {name} into place"))?;
+            sums.insert(name, digest.hex());
+        }
+        let text: String = sums.iter().map(|(n, d)| format!("{d}  {n}\n")).collect();
+        let tmp = NamedTempFile::new_in(&self.dir).context("writing SHA256SUMS")?;
+        fs::write(tmp.path(), text).context("writing SHA256SUMS")?;
+        tmp.as_file()
+            .set_permissions(fs::Permissions::from_mode(0o644))?;
+        tmp.persist(&sums_path).context("writing SHA256SUMS")?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for OutDir {
+    fn drop(&mut self) {
+        if !self.committed && self.created {
+            // Staged temporaries are removed by their own Drop first only if
+            // we clear them here; then an empty directory we made goes too.
+            self.staged.clear();
+            let _ = fs::remove_dir(&self.dir);
+        }
+    }
+}

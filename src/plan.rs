@@ -1,0 +1,320 @@
+//! Planning: a profile plus site values become an ordered list of layers
+//! and a validated set of values, or a list of everything wrong with them.
+//! Nothing is rendered or written here.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::fs;
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Result};
+use serde_json::Value as Json;
+
+use crate::error::{did_you_mean, usage};
+use crate::layer::Layer;
+use crate::profile::Profile;
+use crate::project::Project;
+use crate::values::{self, OwnedRaw, Raw, Source, ValueSpec, Values};
+
+/// What the user gave besides the profile name.
+#[derive(Debug, Clone, Default)]
+pub struct SiteInput {
+    pub site_file: Option<PathBuf>,
+    /// `name=value` as given to `--set`.
+    pub sets: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub profile: Profile,
+    /// The included layers, dependencies first.
+    pub layers: Vec<Layer>,
+    pub specs: BTreeMap<String, ValueSpec>,
+    pub values: Values,
+}
+
+impl Plan {
+    /// The values one layer reads, for rendering and its cache key.
+    pub fn values_for(&self, layer: &Layer) -> BTreeMap<String, Json> {
+        layer
+            .def
+            .values
+            .keys()
+            .filter_map(|k| self.values.get(k).map(|v| (k.clone(), v.clone())))
+            .collect()
+    }
+
+    /// The non-sensitive values the included layers read: what the
+    /// manifest records.
+    pub fn used_public_values(&self) -> BTreeMap<String, Json> {
+        let read: BTreeSet<&String> = self
+            .layers
+            .iter()
+            .flat_map(|l| l.def.values.keys())
+            .collect();
+        self.values
+            .public()
+            .into_iter()
+            .filter(|(k, _)| read.contains(k))
+            .collect()
+    }
+}
+
+pub fn plan(project: &Project, profile_name: &str, input: &SiteInput) -> Result<Plan> {
+    let profile = Profile::load(project, profile_name)?;
+    let known_layers = project.layer_names()?;
+    let mut candidates = Vec::new();
+    for name in &profile.layers {
+        if !known_layers.contains(name) {
+            return Err(anyhow!(
+                "profile {} lists layer {name:?}, which does not exist in {}{}; known layers: {}",
+                profile.name,
+                project.layers_dir().display(),
+                did_you_mean(name, known_layers.iter().map(String::as_str)),
+                known_layers.join(", ")
+            ));
+        }
+        candidates.push(Layer::load(&project.layers_dir(), name)?);
+    }
+
+    let specs = collect_specs(&candidates)?;
+    check_when_clauses(&candidates, &specs)?;
+    let sources = sources(&profile, input)?;
+    let values = values::resolve(&specs, &sources)?;
+
+    let layers: Vec<Layer> = candidates
+        .into_iter()
+        .filter(|l| included(l, &specs, &values))
+        .collect();
+    let layers = order(layers, project)?;
+    Ok(Plan {
+        profile,
+        layers,
+        specs,
+        values,
+    })
+}
+
+/// Every value any candidate layer declares; two declarations of one name
+/// must agree.
+fn collect_specs(layers: &[Layer]) -> Result<BTreeMap<String, ValueSpec>> {
+    let mut specs: BTreeMap<String, (String, ValueSpec)> = BTreeMap::new();
+    for layer in layers {
+        for (name, spec) in &layer.def.values {
+            match specs.get(name) {
+                Some((first, existing)) if !existing.same_contract(spec) => {
+                    return Err(anyhow!(
+                    "site value {name} is declared differently in layers/{first}/layer.toml and \
+                         layers/{}/layer.toml; make type, default and choices identical",
+                    layer.name
+                ))
+                }
+                Some(_) => {}
+                None => {
+                    specs.insert(name.clone(), (layer.name.clone(), spec.clone()));
+                }
+            }
+        }
+    }
+    Ok(specs.into_iter().map(|(k, (_, s))| (k, s)).collect())
+}
+
+fn check_when_clauses(layers: &[Layer], specs: &BTreeMap<String, ValueSpec>) -> Result<()> {
+    for layer in layers {
+        for (name, wanted) in &layer.def.when {
+            let file = format!("layers/{}/layer.toml", layer.name);
+            let spec = specs.get(name).ok_or_else(|| {
+                anyhow!("{file}: [when] tests {name:?}, which no layer of the profile declares")
+            })?;
+            let probe = match spec.kind {
+                values::Kind::List => {
+                    spec.parse(&Raw::Toml(&toml::Value::Array(vec![wanted.clone()])))
+                }
+                _ => spec.parse(&Raw::Toml(wanted)),
+            };
+            probe.map_err(|why| anyhow!("{file}: [when] {name} = {wanted}: {why}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Profile values (parent first), then the site file, then `--set`.
+fn sources(profile: &Profile, input: &SiteInput) -> Result<Vec<Source>> {
+    let mut by_file: BTreeMap<&str, BTreeMap<String, OwnedRaw>> = BTreeMap::new();
+    for (name, (file, value)) in &profile.values {
+        by_file
+            .entry(file)
+            .or_default()
+            .insert(name.clone(), OwnedRaw::Toml(value.clone()));
+    }
+    let mut sources: Vec<Source> = by_file
+        .into_iter()
+        .map(|(file, values)| Source {
+            name: file.to_string(),
+            values,
+        })
+        .collect();
+
+    if let Some(path) = &input.site_file {
+        let text = fs::read_to_string(path)
+            .map_err(|e| usage(format!("cannot read site file {}: {e}", path.display())))?;
+        let table: toml::Table = toml::from_str(&text)
+            .map_err(|e| usage(format!("{}: {}", path.display(), e.to_string().trim_end())))?;
+        sources.push(Source {
+            name: path.display().to_string(),
+            values: table
+                .into_iter()
+                .map(|(k, v)| (k, OwnedRaw::Toml(v)))
+                .collect(),
+        });
+    }
+
+    let mut sets = BTreeMap::new();
+    for arg in &input.sets {
+        let (k, v) = values::parse_set(arg)?;
+        sets.insert(k, OwnedRaw::Text(v));
+    }
+    sources.push(Source {
+        name: "--set".into(),
+        values: sets,
+    });
+    Ok(sources)
+}
+
+fn included(layer: &Layer, specs: &BTreeMap<String, ValueSpec>, values: &Values) -> bool {
+    layer.def.when.iter().all(|(name, wanted)| {
+        let spec = &specs[name];
+        let wanted = match spec.kind {
+            values::Kind::List => spec.item_parse(wanted),
+            _ => spec.parse(&Raw::Toml(wanted)),
+        };
+        match (values.get(name), wanted) {
+            (Some(Json::Array(items)), Ok(w)) => items.contains(&w),
+            (Some(v), Ok(w)) => *v == w,
+            _ => false,
+        }
+    })
+}
+
+/// Checks provides/conflicts/requires and orders the layers so that every
+/// layer comes after what it requires, otherwise keeping profile order.
+fn order(layers: Vec<Layer>, project: &Project) -> Result<Vec<Layer>> {
+    let mut provider: BTreeMap<&str, &str> = BTreeMap::new();
+    for layer in &layers {
+        for cap in layer.provides() {
+            if let Some(other) = provider.insert(cap, &layer.name) {
+                return Err(usage(format!(
+                    "layers {other} and {} both provide {cap:?}; a profile may hold only one of them \
+                     (choose with a site value or remove one from the profile)",
+                    layer.name
+                )));
+            }
+        }
+    }
+    for layer in &layers {
+        for c in &layer.def.conflicts {
+            if let Some(other) = provider.get(c.as_str()).filter(|o| **o != layer.name) {
+                return Err(usage(format!(
+                    "layer {} conflicts with {c:?}, which layer {other} provides; remove one of them",
+                    layer.name
+                )));
+            }
+        }
+        for r in &layer.def.requires {
+            if !provider.contains_key(r.as_str()) {
+                return Err(anyhow!(
+                    "layer {} requires {r:?}, which no layer of this profile provides{}",
+                    layer.name,
+                    suggest_provider(project, r)
+                ));
+            }
+        }
+    }
+
+    let index: BTreeMap<&str, usize> = layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.name.as_str(), i))
+        .collect();
+    let deps: Vec<BTreeSet<usize>> = layers
+        .iter()
+        .map(|l| {
+            l.def
+                .requires
+                .iter()
+                .map(|r| index[provider[r.as_str()]])
+                .collect()
+        })
+        .collect();
+    let mut waiting: Vec<usize> = deps.iter().map(BTreeSet::len).collect();
+    let mut ready: BinaryHeap<Reverse<usize>> = (0..layers.len())
+        .filter(|i| waiting[*i] == 0)
+        .map(Reverse)
+        .collect();
+    let mut order = Vec::new();
+    while let Some(Reverse(i)) = ready.pop() {
+        order.push(i);
+        for (j, d) in deps.iter().enumerate() {
+            if d.contains(&i) {
+                waiting[j] -= 1;
+                if waiting[j] == 0 {
+                    ready.push(Reverse(j));
+                }
+            }
+        }
+    }
+    if order.len() < layers.len() {
+        return Err(anyhow!(
+            "layers require each other in a cycle: {}",
+            describe_cycle(&layers, &deps, &waiting)
+        ));
+    }
+    let mut slots: Vec<Option<Layer>> = layers.into_iter().map(Some).collect();
+    Ok(order
+        .into_iter()
+        .map(|i| slots[i].take().expect("each index once"))
+        .collect())
+}
+
+/// Follows unresolved requirements from a stuck layer until one repeats.
+fn describe_cycle(layers: &[Layer], deps: &[BTreeSet<usize>], waiting: &[usize]) -> String {
+    let start = waiting.iter().position(|w| *w > 0).expect("a stuck layer");
+    let mut path = vec![start];
+    let mut current = start;
+    loop {
+        let next = *deps[current]
+            .iter()
+            .find(|d| waiting[**d] > 0)
+            .expect("stuck layers wait on stuck layers");
+        if let Some(pos) = path.iter().position(|p| *p == next) {
+            let names: Vec<&str> = path[pos..]
+                .iter()
+                .chain([&next])
+                .map(|i| layers[*i].name.as_str())
+                .collect();
+            return names.join(" → ");
+        }
+        path.push(next);
+        current = next;
+    }
+}
+
+fn suggest_provider(project: &Project, capability: &str) -> String {
+    let Ok(names) = project.layer_names() else {
+        return String::new();
+    };
+    let providers: Vec<String> = names
+        .iter()
+        .filter_map(|n| Layer::load(&project.layers_dir(), n).ok())
+        .filter(|l| l.provides().any(|c| c == capability))
+        .map(|l| l.name)
+        .collect();
+    if providers.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; add one of these layers to the profile: {}",
+            providers.join(", ")
+        )
+    }
+}

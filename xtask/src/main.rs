@@ -1,0 +1,31 @@
+//! Project automation: `cargo xtask <command>`.
+
+mod bench;
+
+use std::process::ExitCode;
+
+const COMMANDS: &str = "bench";
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let cmd = args.next();
+    let rest: Vec<String> = args.collect();
+    let result = match cmd.as_deref() {
+        Some("bench") => bench::run(&rest),
+        Some(other) => {
+            eprintln!("xtask: unknown command `{other}` (known: {COMMANDS})");
+            return ExitCode::from(2);
+        }
+        None => {
+            eprintln!("usage: cargo xtask <command>   (known: {COMMANDS})");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
