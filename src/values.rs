@@ -357,6 +357,7 @@ pub fn resolve(
                 // Enums and lists already say what they accept.
                 let expected = match spec.kind {
                     Kind::Enum | Kind::List => String::new(),
+                    Kind::String if spec.pattern.is_some() => String::new(),
                     kind => format!("; expected {}", kind.hint()),
                 };
                 problems.push(format!(

@@ -194,10 +194,7 @@ type OciLayers = (Vec<(Digest, u64)>, Vec<Digest>);
 
 /// Follows index.json → manifest → config; returns the layer descriptors
 /// (digest, size) and the config's diff_ids.
-fn check_oci(
-    bundle: &Bundle,
-    problems: &mut Vec<String>,
-) -> Option<OciLayers> {
+fn check_oci(bundle: &Bundle, problems: &mut Vec<String>) -> Option<OciLayers> {
     let json = |name: &str, problems: &mut Vec<String>| -> Option<Json> {
         match bundle.bytes(name).map(serde_json::from_slice::<Json>) {
             Ok(Ok(v)) => Some(v),

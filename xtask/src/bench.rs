@@ -453,16 +453,40 @@ fn check_builder_output(out: &Path, last: &PackReport, all: &[PackReport]) -> Re
             last.diff_id
         ));
     }
-    if all.iter().any(|r| r.digest != last.digest) {
-        problems.push("digest differs between runs".into());
+    let distinct = |key: fn(&PackReport) -> &str| {
+        let mut v: Vec<&str> = all.iter().map(key).collect();
+        v.sort_unstable();
+        v.dedup();
+        v.len()
+    };
+    let (diff_ids, digests) = (distinct(|r| &r.diff_id), distinct(|r| &r.digest));
+    if diff_ids > 1 {
+        problems.push(format!(
+            "{diff_ids} different diff_ids in {} runs",
+            all.len()
+        ));
+    }
+    if digests > 1 {
+        problems.push(format!(
+            "NOT REPRODUCIBLE: {digests} different .tar.gz digests in {} runs{}",
+            all.len(),
+            if diff_ids == 1 {
+                " (same diff_id: the gzip stream varies)"
+            } else {
+                ""
+            }
+        ));
     }
     let tar = format!(
-        "tar {:.1} MB, {} entries, sha256 checked with gzip -dc | sha256sum",
+        "its tar {:.1} MB, {} entries",
         last.size as f64 / 1e6,
         last.files
     );
     Ok(if problems.is_empty() {
-        format!("OK ({tar}; same digest in all {} runs)", all.len())
+        format!(
+            "OK: digests match gzip -dc | sha256sum, identical in all {} runs ({tar})",
+            all.len()
+        )
     } else {
         format!("PROBLEMS: {} ({tar})", problems.join("; "))
     })

@@ -1,10 +1,11 @@
 //! Project automation: `cargo xtask <command>`.
 
 mod bench;
+mod test;
 
 use std::process::ExitCode;
 
-const COMMANDS: &str = "bench";
+const COMMANDS: &str = "bench, test";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -12,6 +13,7 @@ fn main() -> ExitCode {
     let rest: Vec<String> = args.collect();
     let result = match cmd.as_deref() {
         Some("bench") => bench::run(&rest),
+        Some("test") => test::run(&rest),
         Some(other) => {
             eprintln!("xtask: unknown command `{other}` (known: {COMMANDS})");
             return ExitCode::from(2);

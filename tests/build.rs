@@ -1,0 +1,364 @@
+//! The build path through the real binary: reproducibility, caching,
+//! verify, inspect, render, site files.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, SystemTime};
+
+use common::*;
+
+fn build_json(p: &Project, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["build", "--profile", "vps", "--json"];
+    args.extend_from_slice(extra);
+    let o = p.builder(&args);
+    assert_exit(&o, 0);
+    json(&o)
+}
+
+/// Scrambles what a checkout's file system may differ in: modes (umask)
+/// and mtimes.
+fn disturb_metadata(dir: &std::path::Path, mode_bits: u32, age: u64) {
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let meta = fs::symlink_metadata(&path).unwrap();
+        if meta.is_dir() {
+            disturb_metadata(&path, mode_bits, age);
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o700 | mode_bits)).unwrap();
+        } else if meta.is_file() {
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600 | mode_bits)).unwrap();
+            let f = fs::File::options().append(true).open(&path).unwrap();
+            f.set_modified(SystemTime::now() - Duration::from_secs(age))
+                .unwrap();
+        }
+    }
+}
+
+#[test]
+fn two_clones_give_the_same_bundle_and_another_epoch_a_different_one() {
+    let a = Project::copy_of_repo();
+    let b = Project::copy_of_repo();
+    disturb_metadata(&a.root().join("layers"), 0o077, 10);
+    disturb_metadata(&b.root().join("layers"), 0o044, 100_000);
+
+    let args = [
+        "build",
+        "--profile",
+        "vps",
+        "--set",
+        "server_name=chat.example.net",
+    ];
+    // Different umasks for the two builds, too.
+    let run = |p: &Project, umask: &str| {
+        let o = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("umask {umask}; exec \"$0\" \"$@\""))
+            .arg(env!("CARGO_BIN_EXE_builder"))
+            .args(args)
+            .current_dir(p.root())
+            .env("SOURCE_DATE_EPOCH", EPOCH)
+            .env("BUILDER_CACHE_DIR", p.cache())
+            .output()
+            .unwrap();
+        assert_exit(&o, 0);
+        fs::read(p.out().join("vps.bundle.tar")).unwrap()
+    };
+    let bundle_a = run(&a, "077");
+    let bundle_b = run(&b, "002");
+    assert!(bundle_a == bundle_b, "bundles from two clones differ");
+
+    let o = b
+        .command(&args)
+        .env("SOURCE_DATE_EPOCH", "1700000001")
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    assert_ne!(
+        fs::read(b.out().join("vps.bundle.tar")).unwrap(),
+        bundle_a,
+        "the epoch did not change the bundle"
+    );
+}
+
+#[test]
+fn a_second_build_is_all_cached_and_a_value_repacks_only_its_readers() {
+    let p = Project::copy_of_repo();
+    let first = build_json(&p, &[]);
+    assert!(first["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|l| l["cached"] == false));
+
+    let second = build_json(&p, &[]);
+    let layers = second["layers"].as_array().unwrap();
+    assert!(layers.len() >= 2);
+    assert!(layers.iter().all(|l| l["cached"] == true), "{second}");
+    assert_eq!(first["bundle_digest"], second["bundle_digest"]);
+
+    let changed = build_json(&p, &["--set", "server_name=other.example.com"]);
+    let readers = layer_readers(&p, "server_name");
+    for l in changed["layers"].as_array().unwrap() {
+        let name = l["name"].as_str().unwrap();
+        let reads = readers.contains(&name.to_string());
+        assert_eq!(
+            l["cached"], !reads,
+            "layer {name} (reads server_name: {reads})"
+        );
+    }
+    assert!(!readers.is_empty());
+    assert!(
+        readers.len() < layers.len(),
+        "every layer reads server_name; the test proves nothing"
+    );
+}
+
+/// The layers that declare a value, from `builder layers --json`.
+fn layer_readers(p: &Project, value: &str) -> Vec<String> {
+    let o = p.builder(&["layers", "--json"]);
+    assert_exit(&o, 0);
+    json(&o)["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| {
+            l["values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v["name"] == value)
+        })
+        .map(|l| l["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Where a file's data starts in a tar.
+fn data_offset(tar_path: &std::path::Path, name: &str) -> u64 {
+    let mut archive = tar::Archive::new(fs::File::open(tar_path).unwrap());
+    for entry in archive.entries().unwrap() {
+        let entry = entry.unwrap();
+        if entry.path_bytes().as_ref() == name.as_bytes() {
+            return entry.raw_file_position();
+        }
+    }
+    panic!("{name} not in {}", tar_path.display());
+}
+
+#[test]
+fn verify_passes_then_fails_naming_the_layer_after_one_flipped_byte() {
+    let p = Project::copy_of_repo();
+    let report = build_json(&p, &[]);
+    let bundle = p.out().join("vps.bundle.tar");
+    let o = p.builder(&["verify", bundle.to_str().unwrap()]);
+    assert_exit(&o, 0);
+
+    let layer = &report["layers"][1];
+    let name = layer["name"].as_str().unwrap();
+    let digest = layer["digest"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("sha256:")
+        .unwrap();
+    let offset = data_offset(&bundle, &format!("blobs/sha256/{digest}"));
+    let mut bytes = fs::read(&bundle).unwrap();
+    bytes[offset as usize + 40] ^= 0x01;
+    fs::write(&bundle, bytes).unwrap();
+
+    let o = p.builder(&["verify", bundle.to_str().unwrap()]);
+    assert_exit(&o, 1);
+    assert!(
+        stderr(&o).contains(&format!("layer {name}")),
+        "{}",
+        stderr(&o)
+    );
+    let o = p.builder(&["verify", "--json", bundle.to_str().unwrap()]);
+    assert_exit(&o, 1);
+    let v = json(&o);
+    assert_eq!(v["version"], 1);
+    assert_eq!(v["ok"], false);
+    let failed: Vec<&str> = v["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["ok"] == false)
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(failed, [name]);
+}
+
+#[test]
+fn inspect_shows_layers_values_and_files() {
+    let p = Project::copy_of_repo();
+    let report = build_json(&p, &["--set", "server_name=chat.example.net"]);
+    let bundle = p.out().join("vps.bundle.tar");
+    let o = p.builder(&["inspect", "--json", "--files", bundle.to_str().unwrap()]);
+    assert_exit(&o, 0);
+    let v = json(&o);
+    assert_eq!(v["version"], 1);
+    assert_eq!(v["manifest"]["profile"], "vps");
+    assert_eq!(v["manifest"]["epoch"], 1700000000);
+    assert_eq!(v["manifest"]["values"]["server_name"], "chat.example.net");
+    assert_eq!(
+        v["manifest"]["values"]["matrix_host"],
+        "matrix.chat.example.net"
+    );
+    let layers = v["manifest"]["layers"].as_array().unwrap();
+    for (l, built) in layers.iter().zip(report["layers"].as_array().unwrap()) {
+        assert_eq!(l["diff_id"], built["diff_id"]);
+        let files = v["files"][l["name"].as_str().unwrap()].as_array().unwrap();
+        assert_eq!(files.len() as u64, l["files"].as_u64().unwrap());
+    }
+    // The rendered config carries the value, and no file keeps a .tera name.
+    let all: Vec<&serde_json::Value> = v["files"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|f| f.as_array().unwrap())
+        .collect();
+    assert!(all
+        .iter()
+        .all(|f| !f["path"].as_str().unwrap().ends_with(".tera")));
+    assert!(all
+        .iter()
+        .any(|f| f["path"] == "usr/share/matrix-appliance/synapse/homeserver.yaml"));
+
+    let text = p.builder(&["inspect", bundle.to_str().unwrap()]);
+    assert_exit(&text, 0);
+    let out = stdout(&text);
+    assert!(
+        out.contains("profile  vps") && out.contains("server_name = \"chat.example.net\""),
+        "{out}"
+    );
+}
+
+#[test]
+fn the_bundle_is_an_oci_layout_and_out_has_sums() {
+    let p = Project::copy_of_repo();
+    build_json(&p, &[]);
+    let out = p.out();
+    let mut names = p.out_files();
+    names.sort();
+    assert_eq!(names, ["SHA256SUMS", "vps.bundle.tar", "vps.manifest.json"]);
+    let sums = fs::read_to_string(out.join("SHA256SUMS")).unwrap();
+    for line in sums.lines() {
+        let (hex, name) = line.split_once("  ").unwrap();
+        let bytes = fs::read(out.join(name)).unwrap();
+        let digest = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        assert_eq!(hex, digest, "{name}");
+    }
+    let mode = fs::metadata(out.join("vps.bundle.tar"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o644);
+    // Building another profile into the same directory keeps vps's lines.
+    let o = p.builder(&["build", "--profile", "minimal"]);
+    assert_exit(&o, 0);
+    let sums = fs::read_to_string(out.join("SHA256SUMS")).unwrap();
+    assert!(
+        sums.contains("  vps.bundle.tar") && sums.contains("  minimal.bundle.tar"),
+        "{sums}"
+    );
+}
+
+#[test]
+fn site_file_gives_the_same_result_as_set() {
+    let p = Project::copy_of_repo();
+    let with_set = build_json(
+        &p,
+        &[
+            "--set",
+            "server_name=example.net",
+            "--set",
+            "max_upload_size=100M",
+        ],
+    );
+    p.write(
+        "site.toml",
+        "server_name = \"example.net\"\nmax_upload_size = \"100M\"\n",
+    );
+    let with_file = build_json(&p, &["--site", "site.toml"]);
+    assert_eq!(with_set["bundle_digest"], with_file["bundle_digest"]);
+    // --set wins over the file.
+    let o = p.builder(&[
+        "build",
+        "--json",
+        "--site",
+        "site.toml",
+        "--set",
+        "server_name=x.example.net",
+    ]);
+    assert_exit(&o, 0);
+    assert_ne!(json(&o)["bundle_digest"], with_file["bundle_digest"]);
+}
+
+#[test]
+fn render_writes_the_merged_tree_with_modes() {
+    let p = Project::copy_of_repo();
+    let dir = p.root().join("rendered");
+    let o = p.builder(&[
+        "render",
+        "--profile",
+        "vps",
+        "--set",
+        "server_name=chat.example.net",
+        "--out",
+        "rendered",
+    ]);
+    assert_exit(&o, 0);
+    let hs =
+        fs::read_to_string(dir.join("usr/share/matrix-appliance/synapse/homeserver.yaml")).unwrap();
+    let yaml: serde_yaml::Value = serde_yaml::from_str(&hs).unwrap();
+    assert_eq!(yaml["server_name"], "chat.example.net");
+    assert_eq!(yaml["public_baseurl"], "https://matrix.chat.example.net/");
+    let tool = dir.join("usr/libexec/matrix-appliance/matrix-db-ensure");
+    assert_eq!(
+        fs::metadata(tool).unwrap().permissions().mode() & 0o7777,
+        0o755
+    );
+    assert!(!dir
+        .join("usr/share/containers/systemd/matrix-synapse.container.tera")
+        .exists());
+    // Rendering again into the now non-empty directory is refused.
+    let o = p.builder(&["render", "--profile", "vps", "--out", "rendered"]);
+    assert_exit(&o, 1);
+    assert!(stderr(&o).contains("not empty"), "{}", stderr(&o));
+}
+
+#[test]
+fn listings_name_every_profile_and_layer() {
+    let p = Project::copy_of_repo();
+    let o = p.builder(&["profiles"]);
+    assert_exit(&o, 0);
+    let out = stdout(&o);
+    assert!(
+        out.lines().any(|l| l.starts_with("vps ") && l.len() > 20),
+        "{out}"
+    );
+    assert!(out.lines().any(|l| l.starts_with("minimal ")), "{out}");
+    let o = p.builder(&["layers"]);
+    assert_exit(&o, 0);
+    let out = stdout(&o);
+    assert!(
+        out.contains("synapse") && out.contains("requires: postgres") && out.contains("reads: "),
+        "{out}"
+    );
+}
+
+#[test]
+fn zero_config_build_uses_documented_defaults() {
+    let p = Project::copy_of_repo();
+    let o = p
+        .command(&["build"])
+        .env_remove("SOURCE_DATE_EPOCH")
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    assert_eq!(stdout(&o).trim(), "out/vps.bundle.tar");
+    let o = p.builder(&["inspect", "--json", "out/vps.bundle.tar"]);
+    let v = json(&o);
+    assert_eq!(v["manifest"]["epoch"], 1735689600);
+    assert_eq!(v["manifest"]["values"]["server_name"], "example.org");
+}

@@ -1,0 +1,124 @@
+//! Runs the real `builder` binary in temporary project copies.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const EPOCH: &str = "1700000000";
+
+/// A copy of the project's shipped data (layers, profiles, images) in a
+/// temporary directory, like a fresh clone, with its own cache.
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+impl Project {
+    pub fn copy_of_repo() -> Project {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for sub in ["layers", "profiles", "images"] {
+            copy_tree(&repo.join(sub), &dir.path().join("project").join(sub));
+        }
+        Project { dir }
+    }
+
+    /// An empty project (for fixtures), with images/bundle.toml.
+    pub fn empty() -> Project {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("project");
+        for sub in ["layers", "profiles", "images"] {
+            fs::create_dir_all(root.join(sub)).unwrap();
+        }
+        fs::write(
+            root.join("images/bundle.toml"),
+            "description = \"bundle\"\n",
+        )
+        .unwrap();
+        Project { dir }
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("project")
+    }
+
+    pub fn out(&self) -> PathBuf {
+        self.root().join("out")
+    }
+
+    pub fn cache(&self) -> PathBuf {
+        self.dir.path().join("cache")
+    }
+
+    pub fn write(&self, rel: &str, text: &str) {
+        let path = self.root().join(rel);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, text).unwrap();
+    }
+
+    /// `builder ARGS` run in the project root with a fixed epoch.
+    pub fn builder(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_builder"));
+        cmd.args(args)
+            .current_dir(self.root())
+            .env("SOURCE_DATE_EPOCH", EPOCH)
+            .env("BUILDER_CACHE_DIR", self.cache())
+            .env_remove("XDG_CACHE_HOME");
+        cmd
+    }
+
+    /// Files under out/, for "nothing was written" checks.
+    pub fn out_files(&self) -> Vec<String> {
+        match fs::read_dir(self.out()) {
+            Err(_) => Vec::new(),
+            Ok(rd) => rd
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect(),
+        }
+    }
+}
+
+pub fn copy_tree(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for entry in fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let ft = entry.file_type().unwrap();
+        let dest = to.join(entry.file_name());
+        if ft.is_dir() {
+            copy_tree(&entry.path(), &dest);
+        } else if ft.is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(entry.path()).unwrap(), dest).unwrap();
+        } else {
+            fs::copy(entry.path(), dest).unwrap();
+        }
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts the exit code, showing the output when it differs.
+pub fn assert_exit(o: &Output, code: i32) {
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        stdout(o),
+        stderr(o)
+    );
+}
+
+pub fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", stdout(o)))
+}

@@ -1,0 +1,122 @@
+//! The bundle is a real OCI image archive: skopeo copies it (checking every
+//! digest on the way) and umoci unpacks it to the same tree that
+//! `builder render` writes. CI installs both tools (.ci/run).
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+fn tool(name: &str) -> String {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .unwrap();
+    assert!(
+        found.status.success(),
+        "{name} is not installed; install it with `apt-get install {name}` (.ci/run does)"
+    );
+    String::from_utf8(found.stdout).unwrap().trim().to_string()
+}
+
+fn run(cmd: &mut Command) -> String {
+    let o = cmd.output().unwrap();
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+/// path → (type, mode, content) of a tree on disk, sorted.
+fn listing(root: &Path) -> Vec<String> {
+    let out = run(Command::new("find")
+        .arg(".")
+        .arg("-mindepth")
+        .arg("1")
+        .arg("-printf")
+        .arg("%p %y %m\n")
+        .current_dir(root));
+    let mut lines: Vec<String> = out
+        .lines()
+        .map(|l| {
+            let path = l.split(' ').next().unwrap();
+            let full = root.join(path);
+            let content = if full.is_file() && !full.is_symlink() {
+                std::fs::read_to_string(&full)
+                    .unwrap_or_default()
+                    .len()
+                    .to_string()
+            } else {
+                String::new()
+            };
+            format!("{l} {content}")
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+#[test]
+fn skopeo_copies_and_umoci_unpacks_the_bundle_to_the_rendered_tree() {
+    let skopeo = tool("skopeo");
+    let umoci = tool("umoci");
+    let p = Project::copy_of_repo();
+    let o = p.builder(&[
+        "build",
+        "--profile",
+        "vps",
+        "--set",
+        "server_name=oci.example.net",
+    ]);
+    assert_exit(&o, 0);
+    let bundle = p.out().join("vps.bundle.tar");
+
+    let inspect = run(Command::new(&skopeo)
+        .arg("inspect")
+        .arg(format!("oci-archive:{}", bundle.display())));
+    let v: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+    let ours = json(&p.builder(&["inspect", "--json", bundle.to_str().unwrap()]));
+    let blob_digests: Vec<&serde_json::Value> = ours["manifest"]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| &l["digest"])
+        .collect();
+    assert_eq!(
+        v["Layers"].as_array().unwrap().iter().collect::<Vec<_>>(),
+        blob_digests
+    );
+
+    let layout = p.dir.path().join("layout");
+    run(Command::new(&skopeo)
+        .arg("copy")
+        .arg(format!("oci-archive:{}", bundle.display()))
+        .arg(format!("oci:{}:vps", layout.display())));
+    let unpacked = p.dir.path().join("unpacked");
+    run(Command::new(&umoci)
+        .arg("unpack")
+        .arg("--rootless")
+        .arg("--image")
+        .arg(format!("{}:vps", layout.display()))
+        .arg(&unpacked));
+
+    let o = p.builder(&[
+        "render",
+        "--profile",
+        "vps",
+        "--set",
+        "server_name=oci.example.net",
+        "--out",
+        "rendered",
+    ]);
+    assert_exit(&o, 0);
+    let rendered = listing(&p.root().join("rendered"));
+    assert!(rendered.len() > 10);
+    assert_eq!(listing(&unpacked.join("rootfs")), rendered);
+}

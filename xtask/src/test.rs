@@ -1,0 +1,66 @@
+//! `cargo xtask test`: installs what the test suite needs on a fresh Debian
+//! machine, then runs every test. This is the README's test command.
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// Debian packages the tests drive for real: skopeo and umoci read the
+/// bundle as the OCI image archive it claims to be.
+const DEBIAN_PACKAGES: &[&str] = &["skopeo", "umoci"];
+
+pub fn run(args: &[String]) -> Result<()> {
+    install_debian_packages(DEBIAN_PACKAGES)?;
+    let status = Command::new(env!("CARGO"))
+        .args(["test", "--workspace", "--locked"])
+        .args(args)
+        .status()
+        .context("running cargo test")?;
+    if !status.success() {
+        bail!("tests failed");
+    }
+    Ok(())
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f", "${Status}", package])
+        .output()
+        .is_ok_and(|o| o.stdout.ends_with(b"install ok installed"))
+}
+
+/// Installs the missing packages with apt-get (as root), or says how to.
+pub fn install_debian_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    if !is_root {
+        bail!(
+            "the tests need these Debian packages: {}; install them with `sudo apt-get install {}`",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    let apt = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .with_context(|| format!("running apt-get {}", args.join(" ")))
+    };
+    if !apt(&["update", "-q"])?.success() {
+        bail!("apt-get update failed");
+    }
+    let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
+    install.extend(&missing);
+    if !apt(&install)?.success() {
+        bail!("apt-get could not install {}", missing.join(" "));
+    }
+    Ok(())
+}
