@@ -5,7 +5,7 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, UNIX_EPOCH};
 
 use common::*;
 
@@ -29,7 +29,7 @@ fn disturb_metadata(dir: &std::path::Path, mode_bits: u32, age: u64) {
         } else if meta.is_file() {
             fs::set_permissions(&path, fs::Permissions::from_mode(0o600 | mode_bits)).unwrap();
             let f = fs::File::options().append(true).open(&path).unwrap();
-            f.set_modified(SystemTime::now() - Duration::from_secs(age))
+            f.set_modified(UNIX_EPOCH + Duration::from_secs(1_600_000_000 - age))
                 .unwrap();
         }
     }
