@@ -194,7 +194,6 @@ impl<W: Write> Write for ParallelGzWriter<W> {
 }
 
 fn worker(jobs: &Mutex<Receiver<Job>>, done: &mpsc::Sender<Done>) {
-    let mut compress = Compress::new(Compression::new(LEVEL), false);
     loop {
         let job = match jobs.lock().map(|rx| rx.recv()) {
             Ok(Ok(job)) => job,
@@ -202,6 +201,10 @@ fn worker(jobs: &Mutex<Receiver<Job>>, done: &mpsc::Sender<Done>) {
         };
         let mut crc = crc32fast::Hasher::new();
         crc.update(&job.data);
+        // A fresh compressor per chunk: zlib-rs's reset does not clear all
+        // match state, and leftovers would make a chunk's bytes depend on
+        // which worker compressed the chunk before it.
+        let mut compress = Compress::new(Compression::new(LEVEL), false);
         let result = deflate_chunk(&mut compress, &job.dict, &job.data, job.last);
         let sent = done.send(Done {
             index: job.index,
@@ -216,7 +219,6 @@ fn worker(jobs: &Mutex<Receiver<Job>>, done: &mpsc::Sender<Done>) {
 }
 
 fn deflate_chunk(c: &mut Compress, dict: &[u8], input: &[u8], last: bool) -> io::Result<Vec<u8>> {
-    c.reset();
     if !dict.is_empty() {
         c.set_dictionary(dict).map_err(io::Error::other)?;
     }
@@ -294,6 +296,59 @@ mod tests {
     fn output_does_not_depend_on_write_sizes() {
         let data = sample(2 * CHUNK_SIZE + 1000);
         assert_eq!(compress(&data, 1 << 20), compress(&data, 4093));
+    }
+
+    #[test]
+    fn output_does_not_depend_on_which_worker_took_a_chunk() {
+        // Workers pick chunks in whatever order the scheduler gives; state
+        // left in a worker's compressor by one chunk must not change the
+        // next. Chunks of different content make leftover state visible.
+        let mut data = sample(6 * CHUNK_SIZE);
+        for (i, b) in data
+            .iter_mut()
+            .enumerate()
+            .skip(2 * CHUNK_SIZE)
+            .take(CHUNK_SIZE)
+        {
+            *b = (i % 251) as u8;
+        }
+        let first = compress(&data, 1 << 16);
+        for _ in 0..4 {
+            assert!(
+                compress(&data, 1 << 16) == first,
+                "gzip bytes differ between runs"
+            );
+        }
+        // And equal to compressing every chunk with a fresh compressor.
+        let mut expected = GZIP_HEADER.to_vec();
+        let chunks: Vec<&[u8]> = data.chunks(CHUNK_SIZE).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let dict = if i == 0 {
+                &[][..]
+            } else {
+                &chunks[i - 1][CHUNK_SIZE - DICT_SIZE..]
+            };
+            let mut c = Compress::new(Compression::new(LEVEL), false);
+            expected.extend(deflate_chunk(&mut c, dict, chunk, false).unwrap());
+        }
+        let mut c = Compress::new(Compression::new(LEVEL), false);
+        expected.extend(
+            deflate_chunk(
+                &mut c,
+                &chunks[chunks.len() - 1][CHUNK_SIZE - DICT_SIZE..],
+                &[],
+                true,
+            )
+            .unwrap(),
+        );
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&data);
+        expected.extend(crc.finalize().to_le_bytes());
+        expected.extend((data.len() as u32).to_le_bytes());
+        assert!(
+            first == expected,
+            "differs from chunk-by-chunk compression with fresh compressors"
+        );
     }
 
     #[test]

@@ -362,3 +362,69 @@ fn zero_config_build_uses_documented_defaults() {
     assert_eq!(v["manifest"]["epoch"], 1735689600);
     assert_eq!(v["manifest"]["values"]["server_name"], "example.org");
 }
+
+#[test]
+fn pack_gives_the_same_bytes_on_one_core_and_on_all() {
+    // A tree spanning many 1 MiB compression chunks, with varied content.
+    let p = Project::empty();
+    let tree = p.dir.path().join("tree");
+    let mut x: u64 = 7;
+    for i in 0..40 {
+        let dir = tree.join(format!("d{}", i % 5));
+        fs::create_dir_all(&dir).unwrap();
+        let len = 50_000 + (i * 37_000) % 400_000;
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                if i % 3 == 0 {
+                    (x >> 56) as u8
+                } else {
+                    b"matrix synapse \n"[(x >> 60) as usize]
+                }
+            })
+            .collect();
+        fs::write(dir.join(format!("f{i}")), bytes).unwrap();
+    }
+    let pack = |taskset: Option<&str>| {
+        let blob = p.dir.path().join("blob.tar.gz");
+        let mut cmd = match taskset {
+            Some(cpus) => {
+                let mut c = std::process::Command::new("taskset");
+                c.args(["-c", cpus, env!("CARGO_BIN_EXE_builder")]);
+                c
+            }
+            None => std::process::Command::new(env!("CARGO_BIN_EXE_builder")),
+        };
+        let o = cmd
+            .args([
+                "pack",
+                tree.to_str().unwrap(),
+                "--out",
+                blob.to_str().unwrap(),
+                "--json",
+            ])
+            .env("SOURCE_DATE_EPOCH", EPOCH)
+            .output()
+            .unwrap();
+        assert_exit(&o, 0);
+        let report = json(&o);
+        assert!(
+            report["size"].as_u64().unwrap() > 8 << 20,
+            "tree too small to span chunks"
+        );
+        (report["digest"].clone(), fs::read(blob).unwrap())
+    };
+    let (one_core, bytes) = pack(Some("0"));
+    for _ in 0..3 {
+        assert_eq!(
+            pack(None).0,
+            one_core,
+            "gzip bytes depend on the core count or on scheduling"
+        );
+    }
+    let mut tar = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut tar).unwrap();
+    assert!(tar.len() > 8 << 20);
+}
