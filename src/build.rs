@@ -107,7 +107,11 @@ pub fn build(req: &BuildRequest, progress: &mut Progress) -> Result<BuildReport>
     };
     let bundle_name = format!("{}.bundle.tar", plan.profile.name);
     let manifest_name = format!("{}.manifest.json", plan.profile.name);
+    let exports = exported_files(&plan)?;
     let mut out = OutDir::open(&req.out)?;
+    for (name, bytes) in &exports {
+        out.stage(name, |w| Ok(w.write_all(bytes)?))?;
+    }
     let bundle_digest = out.stage(&bundle_name, |w| {
         bundle::write(&manifest, |d| cache.blob_path(d), w)?;
         Ok(())
@@ -129,6 +133,50 @@ pub fn build(req: &BuildRequest, progress: &mut Progress) -> Result<BuildReport>
         report.bundle.display()
     ));
     Ok(report)
+}
+
+/// The files layers export into the output directory (`[exports]`), by
+/// path under `--out`. Rendered afresh: cheap, and identical to what was
+/// packed, since rendering is deterministic.
+fn exported_files(plan: &Plan) -> Result<BTreeMap<String, Vec<u8>>> {
+    let mut files = BTreeMap::new();
+    for layer in plan.layers.iter().filter(|l| !l.def.exports.is_empty()) {
+        let tree = render::layer_tree(layer, &plan.values_for(layer))?;
+        for (from, to) in &layer.def.exports {
+            let prefix = format!("{from}/");
+            let mut found = false;
+            for (path, entry) in tree.iter() {
+                let path = String::from_utf8_lossy(path);
+                let dest = if path == *from {
+                    to.clone()
+                } else if let Some(rest) = path.strip_prefix(&prefix) {
+                    format!("{to}/{rest}")
+                } else {
+                    continue;
+                };
+                found = true;
+                match &entry.node {
+                    Node::File(Content::Bytes(bytes)) => {
+                        files.insert(dest, bytes.clone());
+                    }
+                    Node::Dir => {}
+                    _ => {
+                        return Err(anyhow!(
+                        "layers/{}: [exports] {path}: only files and directories can be exported",
+                        layer.name
+                    ))
+                    }
+                }
+            }
+            if !found {
+                return Err(anyhow!(
+                    "layers/{}/layer.toml: [exports] {from:?} is not in the layer's output",
+                    layer.name
+                ));
+            }
+        }
+    }
+    Ok(files)
 }
 
 /// The merged tree of all layers of a plan, as the image would hold it.

@@ -38,6 +38,13 @@ pub struct LayerToml {
     /// Attributes that differ from 0644/0755 root, by glob over output paths.
     #[serde(default)]
     pub files: BTreeMap<String, FileAttrs>,
+    /// JSON documents built from a TOML table by serde, by output path.
+    #[serde(default)]
+    pub json: BTreeMap<String, toml::Table>,
+    /// Files or directories of the layer's output that `build` also copies
+    /// into the output directory: output path → path under `--out`.
+    #[serde(default)]
+    pub exports: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -118,6 +125,27 @@ impl Layer {
                     toml_path.display()
                 )
             })?;
+        }
+        for (path, doc) in &def.json {
+            check_relative_path(path.as_bytes()).map_err(|why| {
+                anyhow::anyhow!("{}: [json.\"{path}\"]: {why}", toml_path.display())
+            })?;
+            for name in crate::jsondoc::references(doc) {
+                if !def.values.contains_key(&name) {
+                    bail!(
+                        "{}: [json.\"{path}\"] uses ${{{name}}}, which the layer does not declare; \
+                         add [values.{name}]",
+                        toml_path.display()
+                    );
+                }
+            }
+        }
+        for (from, to) in &def.exports {
+            for p in [from, to] {
+                check_relative_path(p.as_bytes()).map_err(|why| {
+                    anyhow::anyhow!("{}: [exports] {p:?}: {why}", toml_path.display())
+                })?;
+            }
         }
         for (pattern, attrs) in &def.files {
             attrs.mode_bits().map_err(|why| {

@@ -5,6 +5,7 @@ pub mod digest;
 pub mod epoch;
 pub mod error;
 pub mod inspect;
+pub mod jsondoc;
 pub mod layer;
 pub mod manifest;
 pub mod names;

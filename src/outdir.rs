@@ -52,10 +52,18 @@ impl OutDir {
         name: &str,
         write: impl FnOnce(&mut dyn Write) -> Result<()>,
     ) -> Result<Digest> {
+        // `name` may have directories (`well-known/matrix/server`).
+        let dest = self.dir.join(name);
+        let parent = dest.parent().expect("a file in the output directory");
+        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        let base = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .tempfile_in(&self.dir)
-            .with_context(|| format!("creating a temporary file in {}", self.dir.display()))?;
+            .prefix(&format!(".{base}."))
+            .tempfile_in(parent)
+            .with_context(|| format!("creating a temporary file in {}", parent.display()))?;
         let mut out = HashingWriter::new(BufWriter::new(tmp.as_file()));
         write(&mut out).with_context(|| format!("writing {name}"))?;
         let (mut buffered, digest, _) = out.finish();

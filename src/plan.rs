@@ -202,7 +202,10 @@ fn order(layers: Vec<Layer>, project: &Project) -> Result<Vec<Layer>> {
     let mut provider: BTreeMap<&str, &str> = BTreeMap::new();
     for layer in &layers {
         for cap in layer.provides() {
-            if let Some(other) = provider.insert(cap, &layer.name) {
+            if let Some(other) = provider
+                .insert(cap, &layer.name)
+                .filter(|o| *o != layer.name)
+            {
                 return Err(usage(format!(
                     "layers {other} and {} both provide {cap:?}; a profile may hold only one of them \
                      (choose with a site value or remove one from the profile)",

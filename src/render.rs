@@ -50,6 +50,17 @@ pub fn layer_tree(layer: &Layer, values: &BTreeMap<String, Json>) -> Result<Tree
         tree.insert(&out_path, entry)
             .with_context(|| shown.clone())?;
     }
+    for (path, table) in &layer.def.json {
+        let shown = format!("layers/{}/layer.toml: [json.\"{path}\"]", layer.name);
+        if tree.get(path.as_bytes()).is_some() {
+            return Err(anyhow!("{shown}: root/ also has {path}; keep one"));
+        }
+        let doc = crate::jsondoc::build(table, values).map_err(|why| anyhow!("{shown} {why}"))?;
+        let mut bytes = serde_json::to_vec_pretty(&doc)?;
+        bytes.push(b'\n');
+        tree.insert(path.as_bytes(), Entry::file(Content::Bytes(bytes)))
+            .with_context(|| shown.clone())?;
+    }
     apply_attributes(layer, &mut tree)?;
     Ok(tree)
 }

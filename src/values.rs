@@ -83,6 +83,9 @@ pub struct ValueSpec {
     /// Never printed, logged or recorded in the manifest.
     #[serde(default)]
     pub sensitive: bool,
+    /// May stay unset: templates then see null, JSON documents drop it.
+    #[serde(default)]
+    pub optional: bool,
 }
 
 impl ValueSpec {
@@ -106,6 +109,9 @@ impl ValueSpec {
         if self.sensitive && self.default.is_some() {
             return Err("a sensitive value cannot have a default".into());
         }
+        if self.optional && self.default.is_some() {
+            return Err("an optional value has no default (unset means null)".into());
+        }
         Ok(())
     }
 
@@ -119,6 +125,7 @@ impl ValueSpec {
             && self.max == other.max
             && self.pattern == other.pattern
             && self.sensitive == other.sensitive
+            && self.optional == other.optional
     }
 
     /// Parses one item of a list value (e.g. a `when` test on a list).
@@ -137,6 +144,9 @@ impl ValueSpec {
 
     /// Parses and validates one input into its typed, normalised form.
     pub fn parse(&self, raw: &Raw) -> Result<Json, String> {
+        if self.optional && matches!(raw, Raw::Text("")) {
+            return Ok(Json::Null);
+        }
         match (self.kind, raw) {
             (Kind::List, Raw::Text(s)) => {
                 let items: Vec<&str> = if s.trim().is_empty() {
@@ -416,6 +426,16 @@ fn default_of(
     }
     let spec = &specs[name];
     let Some(default) = &spec.default else {
+        if spec.optional {
+            resolved.insert(
+                name.to_string(),
+                Value {
+                    json: Json::Null,
+                    sensitive: spec.sensitive,
+                },
+            );
+            return Ok(true);
+        }
         return Ok(false);
     };
     if !visiting.insert(name.to_string()) {
@@ -443,6 +463,11 @@ fn default_of(
                     return Ok(false);
                 }
                 match &resolved[reference].json {
+                    Json::Null => {
+                        return Err(format!(
+                            "the default of {name} refers to ${{{reference}}}, which is unset"
+                        ))
+                    }
                     Json::String(s) => text.push_str(s),
                     Json::Number(n) => text.push_str(&n.to_string()),
                     Json::Bool(b) => text.push_str(&b.to_string()),
@@ -654,6 +679,36 @@ mod tests {
             err.contains("site.toml: acme_email = 3 is invalid"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn optional_values_default_to_null_and_empty_unsets() {
+        let s = specs(
+            r#"
+            [identity_server]
+            type = "url"
+            optional = true
+            description = "d"
+        "#,
+        );
+        assert_eq!(
+            resolve(&s, &[set(&[])]).unwrap().get("identity_server"),
+            Some(&Json::Null)
+        );
+        assert_eq!(
+            resolve(&s, &[set(&[("identity_server", "")])])
+                .unwrap()
+                .get("identity_server"),
+            Some(&Json::Null)
+        );
+        assert_eq!(
+            resolve(&s, &[set(&[("identity_server", "https://vector.im")])])
+                .unwrap()
+                .get("identity_server")
+                .unwrap(),
+            "https://vector.im"
+        );
+        assert!(resolve(&s, &[set(&[("identity_server", "vector.im")])]).is_err());
     }
 
     #[test]
