@@ -2,6 +2,9 @@
 
 #![allow(dead_code)]
 
+pub mod stack;
+pub mod tools;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,11 +1,13 @@
 //! Project automation: `cargo xtask <command>`.
 
 mod bench;
+mod synapse;
 mod test;
+mod tools;
 
 use std::process::ExitCode;
 
-const COMMANDS: &str = "bench, test";
+const COMMANDS: &str = "bench, test, tools";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -14,6 +16,7 @@ fn main() -> ExitCode {
     let result = match cmd.as_deref() {
         Some("bench") => bench::run(&rest),
         Some("test") => test::run(&rest),
+        Some("tools") => tools::run(&rest),
         Some(other) => {
             eprintln!("xtask: unknown command `{other}` (known: {COMMANDS})");
             return ExitCode::from(2);

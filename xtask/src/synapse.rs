@@ -1,0 +1,97 @@
+//! Synapse for the live-stack tests: the version the `synapse` layer pins
+//! (the tag of its image), installed from PyPI wheels for the tools root's
+//! Python into `target/tools/synapse-<version>-cp<xy>/`, which the tests
+//! bind at /opt/synapse inside the root and put on PYTHONPATH.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// The Synapse version from the layer's `synapse_image` default tag.
+fn pinned_version(repo: &Path) -> Result<String> {
+    let layer = fs::read_to_string(repo.join("layers/synapse/layer.toml"))?;
+    let tag = layer
+        .split("matrixdotorg/synapse:v")
+        .nth(1)
+        .ok_or_else(|| {
+            anyhow!("layers/synapse/layer.toml has no matrixdotorg/synapse:v<version> image")
+        })?;
+    let version: String = tag
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    if version.split('.').count() != 3 {
+        bail!("cannot read the Synapse version from {tag:?}");
+    }
+    Ok(version)
+}
+
+/// The tools root's python3.X as "3X" (e.g. "313").
+fn root_python(root: &Path) -> Result<String> {
+    let mut found = None;
+    for entry in fs::read_dir(root.join("usr/bin"))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if let Some(minor) = name.strip_prefix("python3.") {
+            if minor.chars().all(|c| c.is_ascii_digit()) {
+                found = Some(format!("3{minor}"));
+            }
+        }
+    }
+    found.ok_or_else(|| anyhow!("no python3.X in {}/usr/bin", root.display()))
+}
+
+/// Installs the wheels if missing; returns the directory.
+pub fn ensure(repo: &Path, tools_root: &Path) -> Result<PathBuf> {
+    let version = pinned_version(repo)?;
+    let py = root_python(tools_root)?;
+    let dir = repo.join(format!("target/tools/synapse-{version}-cp{py}"));
+    if dir.join("synapse").is_dir() {
+        return Ok(dir);
+    }
+    eprintln!(
+        "xtask: installing Synapse {version} wheels for CPython {py} into {}",
+        dir.display()
+    );
+    let partial = dir.with_extension("partial");
+    let _ = fs::remove_dir_all(&partial);
+    let status = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--only-binary=:all:",
+        ])
+        .args(["--python-version", &format!("{}.{}", &py[..1], &py[1..])])
+        .args([
+            "--implementation",
+            "cp",
+            "--abi",
+            &format!("cp{py}"),
+            "--abi",
+            "abi3",
+            "--abi",
+            "none",
+        ])
+        .args([
+            "--platform",
+            "manylinux_2_28_x86_64",
+            "--platform",
+            "manylinux_2_17_x86_64",
+        ])
+        .args(["--platform", "manylinux2014_x86_64", "--platform", "any"])
+        .arg("--target")
+        .arg(&partial)
+        .arg(format!("matrix-synapse=={version}"))
+        .arg("psycopg2-binary")
+        .status()
+        .context("running pip")?;
+    if !status.success() {
+        bail!("pip could not install matrix-synapse=={version} for CPython {py}");
+    }
+    fs::rename(&partial, &dir)?;
+    Ok(dir)
+}
