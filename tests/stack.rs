@@ -7,6 +7,24 @@ mod common;
 use common::stack::Stack;
 use common::*;
 
+/// The server names the live tests use: `BUILDER_TEST_SERVER_NAMES` (two
+/// DNS names, comma-separated) or two defaults. Matrix hosts are
+/// `matrix.<name>`. Each stack has its own network namespace and /etc/hosts,
+/// so the names need no DNS and every test may use the same ones.
+fn server_names() -> (String, String) {
+    let given = std::env::var("BUILDER_TEST_SERVER_NAMES")
+        .unwrap_or_else(|_| "alpha.example.net,beta.example.net".into());
+    let names: Vec<String> = given
+        .split(',')
+        .map(|n| n.trim().to_ascii_lowercase())
+        .collect();
+    assert!(
+        names.len() == 2 && names[0] != names[1] && names.iter().all(|n| !n.is_empty() && !n.contains(':')),
+        "BUILDER_TEST_SERVER_NAMES={given:?}: give two different DNS names (no port), comma-separated"
+    );
+    (names[0].clone(), names[1].clone())
+}
+
 /// First boot up to (not including) Synapse: state, secrets, PostgreSQL,
 /// databases, signing key.
 fn prepare(project: &Project, values: &[(&str, &str)]) -> Stack {
@@ -188,7 +206,7 @@ fn authed(
 /// The Matrix round trip through the proxy over TLS, for one proxy.
 fn round_trip_through(proxy: &str) {
     let project = Project::copy_of_repo();
-    let server_name = format!("{proxy}.example.net");
+    let server_name = server_names().0;
     let matrix_host = format!("matrix.{server_name}");
     let mut stack = boot(
         &project,
@@ -384,14 +402,8 @@ fn federate(proxy: &str) {
     let project = Project::copy_of_repo();
     let net = 60 + (std::process::id() % 150);
     let addr = |i: u32| format!("10.77.{net}.{i}");
-    let names = |who: &str| {
-        (
-            format!("{who}.example.net"),
-            format!("matrix.{who}.example.net"),
-        )
-    };
-    let (a_name, a_host) = names("alpha");
-    let (b_name, b_host) = names("beta");
+    let (a_name, b_name) = server_names();
+    let (a_host, b_host) = (format!("matrix.{a_name}"), format!("matrix.{b_name}"));
     let mut a = prepare(
         &project,
         &[
@@ -552,4 +564,44 @@ fn round_trip_through_caddy() {
 #[test]
 fn round_trip_through_traefik() {
     round_trip_through("traefik");
+}
+
+/// Issue 3, proof 1: Synapse's own config checker accepts the rendered
+/// homeserver.yaml (with the conf.d directory and the secrets first boot
+/// makes), for default and non-default values.
+#[test]
+fn synapse_config_check_accepts_the_rendered_homeserver_yaml() {
+    let project = Project::copy_of_repo();
+    let (name, _) = server_names();
+    for values in [
+        vec![("server_name", name.as_str())],
+        vec![
+            ("server_name", name.as_str()),
+            ("url_previews", "true"),
+            ("max_upload_size", "2G"),
+            ("podman_subnet", "10.99.0.0/24"),
+        ],
+    ] {
+        let stack = Stack::new(&project, &values);
+        stack.tmpfiles();
+        stack.firstboot("secrets");
+        stack.firstboot("signing-key");
+        let o = stack.run(
+            "python3",
+            &[
+                "-m",
+                "synapse.config",
+                "-c",
+                "/usr/share/matrix-appliance/synapse/homeserver.yaml",
+                "-c",
+                "/var/lib/matrix/synapse/conf.d",
+            ],
+        );
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            out.contains("Config parses OK"),
+            "{out}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
 }

@@ -46,7 +46,17 @@ fn root_python(root: &Path) -> Result<String> {
 pub fn ensure(repo: &Path, tools_root: &Path) -> Result<PathBuf> {
     let version = pinned_version(repo)?;
     let py = root_python(tools_root)?;
-    let dir = repo.join(format!("target/tools/synapse-{version}-cp{py}"));
+    // The extras the official image ships and the layers can turn on
+    // (url_previews needs lxml).
+    let requirements = [
+        format!("matrix-synapse[url-preview]=={version}"),
+        "psycopg2-binary".to_string(),
+    ];
+    let tag: u32 = requirements
+        .join(" ")
+        .bytes()
+        .fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(b.into()));
+    let dir = repo.join(format!("target/tools/synapse-{version}-cp{py}-{tag:08x}"));
     if dir.join("synapse").is_dir() {
         return Ok(dir);
     }
@@ -85,12 +95,14 @@ pub fn ensure(repo: &Path, tools_root: &Path) -> Result<PathBuf> {
         .args(["--platform", "manylinux2014_x86_64", "--platform", "any"])
         .arg("--target")
         .arg(&partial)
-        .arg(format!("matrix-synapse=={version}"))
-        .arg("psycopg2-binary")
+        .args(&requirements)
         .status()
         .context("running pip")?;
     if !status.success() {
-        bail!("pip could not install matrix-synapse=={version} for CPython {py}");
+        bail!(
+            "pip could not install {} for CPython {py}",
+            requirements.join(" ")
+        );
     }
     fs::rename(&partial, &dir)?;
     Ok(dir)
