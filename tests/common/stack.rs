@@ -530,7 +530,6 @@ pub fn boot(project: &Project, values: &[(&str, &str)]) -> Stack {
     stack
 }
 
-
 impl Stack {
     /// Starts the proxy's containers as their units would (each unit's
     /// `ExecStartPre=` first): `matrix-proxy-files` if the proxy has one,
