@@ -180,10 +180,6 @@ impl Tree {
         self.entries.get_mut(path)
     }
 
-    pub fn remove(&mut self, path: &[u8]) -> Option<Entry> {
-        self.entries.remove(path)
-    }
-
     /// Entries in path-byte order.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &Entry)> {
         self.entries.iter().map(|(k, v)| (k.as_slice(), v))
