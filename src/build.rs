@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::bundle;
 use crate::cache::{self, Cache};
 use crate::digest::Digest;
+use crate::images;
 use crate::manifest::{Manifest, ManifestLayer, SCHEMA};
 use crate::outdir::OutDir;
 use crate::pack;
@@ -97,6 +98,40 @@ pub fn build(req: &BuildRequest, progress: &mut Progress) -> Result<BuildReport>
     }
     progress.finish();
 
+    let embedded = images::obtain(&plan.images, &cache, req.epoch, progress)?;
+    if !embedded.is_empty() {
+        let key = images::embed::key(&embedded, req.epoch);
+        let (packed, cached) = match cache.get(&key)? {
+            Some(packed) => (packed, true),
+            None => {
+                let tree = images::embed::tree(&embedded, &cache)?;
+                let packed = cache.put(&key, |out| Ok(pack::pack(&tree, req.epoch, out)?.1))?;
+                (packed, false)
+            }
+        };
+        progress.note(&format!(
+            "layer {:<16} {} {}",
+            images::LAYER,
+            if cached { "cached" } else { "packed" },
+            packed.diff_id
+        ));
+        reports.push(LayerReport {
+            name: images::LAYER.into(),
+            diff_id: packed.diff_id,
+            digest: packed.digest,
+            cached,
+        });
+        layers.push(ManifestLayer {
+            name: images::LAYER.into(),
+            description: images::embed::description(&embedded),
+            diff_id: packed.diff_id,
+            digest: packed.digest,
+            size: packed.size,
+            compressed_size: packed.compressed_size,
+            files: packed.entries,
+        });
+    }
+
     let manifest = Manifest {
         schema: SCHEMA,
         builder_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -104,6 +139,7 @@ pub fn build(req: &BuildRequest, progress: &mut Progress) -> Result<BuildReport>
         epoch: req.epoch,
         values: plan.used_public_values(),
         layers,
+        images: images::manifest_entries(&plan.images, &embedded),
     };
     let bundle_name = format!("{}.bundle.tar", plan.profile.name);
     let manifest_name = format!("{}.manifest.json", plan.profile.name);
@@ -190,16 +226,20 @@ pub fn merged_tree(plan: &Plan) -> Result<Tree> {
     Ok(merged)
 }
 
-/// Writes the merged rendered tree into `out`, which must not exist yet (or
-/// be empty). Staged in a sibling directory and renamed into place.
-pub fn render_to_dir(
-    project: &Project,
-    profile: &str,
-    input: &SiteInput,
-    out: &Path,
-) -> Result<usize> {
-    let plan = plan::plan(project, profile, input)?;
-    let tree = merged_tree(&plan)?;
+/// Writes the merged rendered tree of `req` into `req.out`, which must not
+/// exist yet (or be empty), embedded images included. Staged in a sibling
+/// directory and renamed into place.
+pub fn render_to_dir(req: &BuildRequest, progress: &mut Progress) -> Result<usize> {
+    let out = req.out.as_path();
+    let plan = plan::plan(&req.project, &req.profile, &req.input)?;
+    let mut tree = merged_tree(&plan)?;
+    let cache = Cache::open(req.cache_dir.clone())?;
+    let embedded = images::obtain(&plan.images, &cache, req.epoch, progress)?;
+    if !embedded.is_empty() {
+        let mut owners = BTreeMap::new();
+        let images = images::embed::tree(&embedded, &cache)?;
+        render::overlay(&mut tree, &mut owners, &images, images::LAYER)?;
+    }
     if out.exists() {
         let empty = out.is_dir() && fs::read_dir(out)?.next().is_none();
         if !empty {

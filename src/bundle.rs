@@ -13,16 +13,12 @@ use serde_json::json;
 
 use crate::digest::{Digest, HashingReader};
 use crate::manifest::Manifest;
+use crate::oci;
 use crate::pack::write_tar;
 use crate::tree::{Content, Entry, Tree};
 
 pub const BUILDER_MANIFEST: &str = "builder-manifest.json";
 pub const SUMS: &str = "SHA256SUMS";
-pub const MEDIA_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-pub const MEDIA_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const MEDIA_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-pub const MEDIA_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const TITLE: &str = "org.opencontainers.image.title";
 
 /// Writes the bundle for `manifest` into `out`; `blob_of` says where each
 /// layer's gzip blob lies. Returns the writer and the bundle's size.
@@ -31,50 +27,26 @@ pub fn write<W: Write>(
     blob_of: impl Fn(&Digest) -> PathBuf,
     out: W,
 ) -> Result<W> {
-    let created = humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + std::time::Duration::from_secs(manifest.epoch),
-    )
-    .to_string();
-    let config = json!({
-        "architecture": oci_arch(),
-        "os": "linux",
-        "created": created,
-        "config": {
-            "Labels": {
-                "org.opencontainers.image.title": manifest.profile,
-                "org.opencontainers.image.version": manifest.builder_version,
-            }
-        },
-        "rootfs": {
-            "type": "layers",
-            "diff_ids": manifest.layers.iter().map(|l| l.diff_id.to_string()).collect::<Vec<_>>(),
-        },
-        "history": manifest.layers.iter().map(|l| json!({
-            "created": created,
-            "created_by": format!("builder layer {}", l.name),
-            "comment": l.description,
-        })).collect::<Vec<_>>(),
+    let layers: Vec<oci::LayerBlob> = manifest
+        .layers
+        .iter()
+        .map(|l| oci::LayerBlob {
+            digest: l.digest,
+            diff_id: l.diff_id,
+            size: l.compressed_size,
+            title: l.name.clone(),
+            comment: l.description.clone(),
+        })
+        .collect();
+    let run = json!({
+        "Labels": {
+            "org.opencontainers.image.title": manifest.profile,
+            "org.opencontainers.image.version": manifest.builder_version,
+        }
     });
-    let config = canonical(&config);
-    let oci_manifest = canonical(&json!({
-        "schemaVersion": 2,
-        "mediaType": MEDIA_MANIFEST,
-        "config": descriptor(MEDIA_CONFIG, &config),
-        "layers": manifest.layers.iter().map(|l| json!({
-            "mediaType": MEDIA_LAYER,
-            "digest": l.digest.to_string(),
-            "size": l.compressed_size,
-            "annotations": { TITLE: l.name },
-        })).collect::<Vec<_>>(),
-        "annotations": { "org.opencontainers.image.created": created },
-    }));
-    let mut manifest_desc = descriptor(MEDIA_MANIFEST, &oci_manifest);
-    manifest_desc["annotations"] = json!({ "org.opencontainers.image.ref.name": manifest.profile });
-    let index = canonical(&json!({
-        "schemaVersion": 2,
-        "mediaType": MEDIA_INDEX,
-        "manifests": [manifest_desc],
-    }));
+    let config = oci::image_config(run, &layers, manifest.epoch);
+    let oci_manifest = oci::image_manifest(&config, &layers, manifest.epoch);
+    let index = oci::layout_index([(manifest.profile.as_str(), oci_manifest.as_slice())]);
 
     let mut files: BTreeMap<String, Content> = BTreeMap::new();
     for layer in &manifest.layers {
@@ -93,10 +65,7 @@ pub fn write<W: Write>(
         Content::Bytes(oci_manifest),
     );
     files.insert("index.json".into(), Content::Bytes(index));
-    files.insert(
-        "oci-layout".into(),
-        Content::Bytes(b"{\"imageLayoutVersion\":\"1.0.0\"}".to_vec()),
-    );
+    files.insert("oci-layout".into(), Content::Bytes(oci::LAYOUT.to_vec()));
     files.insert(
         BUILDER_MANIFEST.into(),
         Content::Bytes(manifest.to_canonical_json()),
@@ -126,25 +95,7 @@ pub fn write<W: Write>(
     Ok(out)
 }
 
-pub fn blob_name(d: &Digest) -> String {
-    format!("blobs/sha256/{}", d.hex())
-}
-
-fn canonical(v: &serde_json::Value) -> Vec<u8> {
-    serde_json::to_vec(v).expect("JSON serialises")
-}
-
-fn descriptor(media_type: &str, bytes: &[u8]) -> serde_json::Value {
-    json!({ "mediaType": media_type, "digest": Digest::of(bytes).to_string(), "size": bytes.len() })
-}
-
-fn oci_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    }
-}
+pub use oci::blob_name;
 
 /// One regular file of a bundle as read back.
 #[derive(Debug, Clone)]

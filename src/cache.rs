@@ -72,6 +72,84 @@ impl Cache {
         Ok(Cache { root })
     }
 
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// A fresh directory under the cache's tmp/ (removed when dropped).
+    pub fn temp_dir(&self, prefix: &str) -> Result<tempfile::TempDir> {
+        tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in(self.root.join("tmp"))
+            .context("creating a directory in the cache")
+    }
+
+    /// Whether an intact blob of this digest and size is stored (re-hashed).
+    pub fn has_blob(&self, digest: &Digest, size: u64) -> Result<bool> {
+        let Ok(file) = File::open(self.blob_path(digest)) else {
+            return Ok(false);
+        };
+        let (d, n) = HashingReader::new(file)
+            .finish()
+            .context("reading a cached blob")?;
+        Ok(d == *digest && n == size)
+    }
+
+    /// Stores bytes as a blob; returns their digest.
+    pub fn put_bytes(&self, bytes: &[u8]) -> Result<Digest> {
+        let digest = Digest::of(bytes);
+        self.put_reader(&mut &bytes[..], &digest, bytes.len() as u64, "a blob")?;
+        Ok(digest)
+    }
+
+    /// Copies `from` into the blob store if it has exactly the expected
+    /// digest and size; `what` names it in the error otherwise.
+    pub fn put_reader(
+        &self,
+        from: &mut dyn io::Read,
+        digest: &Digest,
+        size: u64,
+        what: &str,
+    ) -> Result<()> {
+        let tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))
+            .context("creating a cache file")?;
+        let mut hashing = HashingReader::new(from);
+        io::copy(&mut hashing, &mut BufWriter::new(tmp.as_file()))
+            .with_context(|| format!("copying {what}"))?;
+        let (got, n) = hashing.finish()?;
+        if got != *digest || n != size {
+            anyhow::bail!(
+                "{what} is damaged: expected {digest} ({size} bytes), found {got} ({n} bytes)"
+            );
+        }
+        tmp.persist(self.blob_path(digest))
+            .context("storing a blob in the cache")?;
+        Ok(())
+    }
+
+    /// A JSON record filed under `kind/<key>.json`, if there is a readable one.
+    pub fn record<T: serde::de::DeserializeOwned>(&self, kind: &str, key: &Digest) -> Option<T> {
+        let bytes = fs::read(self.root.join(kind).join(format!("{}.json", key.hex()))).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    pub fn put_record<T: serde::Serialize>(
+        &self,
+        kind: &str,
+        key: &Digest,
+        value: &T,
+    ) -> Result<()> {
+        let dir = self.root.join(kind);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let record = tempfile::NamedTempFile::new_in(self.root.join("tmp"))
+            .context("creating a cache file")?;
+        serde_json::to_writer(record.as_file(), value).context("writing a cache record")?;
+        record
+            .persist(dir.join(format!("{}.json", key.hex())))
+            .context("storing a cache record")?;
+        Ok(())
+    }
+
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
         self.root.join("blobs/sha256").join(digest.hex())
     }

@@ -78,6 +78,26 @@ impl InspectReport {
                 l.files
             );
         }
+        if !m.images.is_empty() {
+            let _ = writeln!(s, "images");
+            let _ = writeln!(
+                s,
+                "  {:<16} {:<8} {:<8} {:<19} {:>10}  REFERENCE",
+                "NAME", "SOURCE", "AT BOOT", "DIGEST", "SIZE"
+            );
+            for i in &m.images {
+                let _ = writeln!(
+                    s,
+                    "  {:<16} {:<8} {:<8} {:<19} {:>10}  {}",
+                    i.name,
+                    i.source,
+                    if i.embedded { "loaded" } else { "pulled" },
+                    short(&i.digest),
+                    i.size.map_or("-".to_string(), |n| n.to_string()),
+                    i.reference
+                );
+            }
+        }
         if let Some(files) = &self.files {
             for l in &m.layers {
                 let _ = writeln!(s, "files of {}", l.name);

@@ -41,13 +41,19 @@ pub struct LayerToml {
     /// JSON documents built from a TOML table by serde, by output path.
     #[serde(default)]
     pub json: BTreeMap<String, toml::Table>,
+    /// Container images the layer brings, by image name.
+    #[serde(default)]
+    pub images: BTreeMap<String, crate::images::ImageDecl>,
+    /// Images other layers declare that this layer's templates use.
+    #[serde(default)]
+    pub use_images: Vec<String>,
     /// Files or directories of the layer's output that `build` also copies
     /// into the output directory: output path → path under `--out`.
     #[serde(default)]
     pub exports: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct FileAttrs {
     /// Octal, as a string: "0755", "0600", "4755".
@@ -113,6 +119,17 @@ impl Layer {
         let def: LayerToml = toml::from_str(&toml_text).map_err(|e| {
             anyhow::anyhow!("{}: {}", toml_path.display(), e.to_string().trim_end())
         })?;
+        for (name, decl) in &def.images {
+            crate::images::check_decl(name, decl).map_err(|why| {
+                anyhow::anyhow!("{}: [images.{name}]: {why}", toml_path.display())
+            })?;
+        }
+        if def.values.contains_key("images") {
+            bail!(
+                "{}: [values.images]: the name `images` is reserved for the images templates use;                  rename the value",
+                toml_path.display()
+            );
+        }
         for (value, spec) in &def.values {
             spec.check().map_err(|why| {
                 anyhow::anyhow!("{}: [values.{value}]: {why}", toml_path.display())
@@ -179,21 +196,26 @@ impl Layer {
     pub fn source_hash(&self) -> [u8; 32] {
         let mut h = Sha256::new();
         field(&mut h, self.toml_text.as_bytes());
-        for (path, node) in &self.sources {
-            field(&mut h, path);
-            match node {
-                SourceNode::Dir => field(&mut h, b"dir"),
-                SourceNode::File(bytes) => {
-                    field(&mut h, b"file");
-                    field(&mut h, bytes);
-                }
-                SourceNode::Symlink(target) => {
-                    field(&mut h, b"symlink");
-                    field(&mut h, target);
-                }
+        hash_sources(&mut h, &self.sources);
+        h.finalize().into()
+    }
+}
+
+/// Feeds a source tree (paths, kinds, contents) into a hash.
+pub fn hash_sources(h: &mut Sha256, sources: &BTreeMap<Vec<u8>, SourceNode>) {
+    for (path, node) in sources {
+        field(h, path);
+        match node {
+            SourceNode::Dir => field(h, b"dir"),
+            SourceNode::File(bytes) => {
+                field(h, b"file");
+                field(h, bytes);
+            }
+            SourceNode::Symlink(target) => {
+                field(h, b"symlink");
+                field(h, target);
             }
         }
-        h.finalize().into()
     }
 }
 
@@ -203,7 +225,7 @@ pub fn field(h: &mut Sha256, bytes: &[u8]) {
     h.update(bytes);
 }
 
-fn read_sources(root: &Path) -> Result<BTreeMap<Vec<u8>, SourceNode>> {
+pub fn read_sources(root: &Path) -> Result<BTreeMap<Vec<u8>, SourceNode>> {
     let mut out = BTreeMap::new();
     let mut stack = vec![(root.to_path_buf(), Vec::<u8>::new())];
     while let Some((dir, rel)) = stack.pop() {

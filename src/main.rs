@@ -78,6 +78,9 @@ enum Command {
         /// The directory to create (must not exist, or be empty)
         #[arg(long, short, value_name = "DIR")]
         out: PathBuf,
+        /// The cache, for embedded images [default: as for build]
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
     },
     /// List the profiles with their descriptions
     Profiles {
@@ -155,6 +158,22 @@ fn print(text: &str) -> Result<()> {
     Ok(())
 }
 
+fn build_request(
+    project: Project,
+    site: &Site,
+    out: PathBuf,
+    cache_dir: Option<PathBuf>,
+) -> Result<BuildRequest> {
+    Ok(BuildRequest {
+        project,
+        profile: site.profile.clone(),
+        input: site.input(),
+        out,
+        cache_dir: cache::default_dir(cache_dir.as_deref())?,
+        epoch: epoch::from_env()?,
+    })
+}
+
 fn run(cli: Cli) -> Result<ExitCode> {
     let project = || Project::locate(cli.project.as_deref());
     match cli.command {
@@ -164,14 +183,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             cache_dir,
             json,
         } => {
-            let req = BuildRequest {
-                project: project()?,
-                profile: site.profile.clone(),
-                input: site.input(),
-                out,
-                cache_dir: cache::default_dir(cache_dir.as_deref())?,
-                epoch: epoch::from_env()?,
-            };
+            let req = build_request(project()?, &site, out, cache_dir)?;
             let mut progress = Progress::new(cli.quiet || json);
             let report = build::build(&req, &mut progress)?;
             if json {
@@ -180,8 +192,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print(&format!("{}\n", report.bundle.display()))?;
             }
         }
-        Command::Render { site, out } => {
-            let count = build::render_to_dir(&project()?, &site.profile, &site.input(), &out)?;
+        Command::Render {
+            site,
+            out,
+            cache_dir,
+        } => {
+            let req = build_request(project()?, &site, out, cache_dir)?;
+            let mut progress = Progress::new(cli.quiet);
+            let count = build::render_to_dir(&req, &mut progress)?;
+            let out = req.out;
             if !cli.quiet {
                 eprintln!("wrote {count} entries to {}", out.display());
             }

@@ -8,7 +8,8 @@ use serde_json::Value as Json;
 
 use crate::digest::Digest;
 
-pub const SCHEMA: u32 = 1;
+/// 2: `images` added.
+pub const SCHEMA: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -20,6 +21,8 @@ pub struct Manifest {
     /// The site values the layers read, sensitive ones left out.
     pub values: BTreeMap<String, Json>,
     pub layers: Vec<ManifestLayer>,
+    /// Every container image the layers run.
+    pub images: Vec<ManifestImage>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,6 +38,30 @@ pub struct ManifestLayer {
     pub compressed_size: u64,
     /// Tar entries: files, directories and links.
     pub files: u64,
+}
+
+/// A container image the appliance runs, and where it comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestImage {
+    pub name: String,
+    pub description: String,
+    /// upstream, local or archive.
+    pub source: String,
+    /// In the `images` layer, loaded at boot without network; otherwise
+    /// pulled from `upstream` at first boot.
+    pub embedded: bool,
+    /// What Podman runs: the upstream reference or the embedded name.
+    pub reference: String,
+    /// The public reference (pinned by digest) the image is or stands for.
+    pub upstream: String,
+    /// The manifest digest of the embedded image, or the pinned digest of
+    /// the upstream reference.
+    pub digest: Digest,
+    /// Bytes of an embedded image (manifest, config, layers).
+    pub size: Option<u64>,
+    /// Layers whose units run it.
+    pub used_by: Vec<String>,
 }
 
 impl Manifest {

@@ -11,6 +11,7 @@ use anyhow::{anyhow, Result};
 use serde_json::Value as Json;
 
 use crate::error::{did_you_mean, usage};
+use crate::images::{self, ImageDecl, PlannedImage};
 use crate::layer::Layer;
 use crate::profile::Profile;
 use crate::project::Project;
@@ -31,17 +32,31 @@ pub struct Plan {
     pub layers: Vec<Layer>,
     pub specs: BTreeMap<String, ValueSpec>,
     pub values: Values,
+    /// The container images the layers need, by name, with their sources.
+    pub images: Vec<PlannedImage>,
 }
 
 impl Plan {
     /// The values one layer reads, for rendering and its cache key.
+    /// Besides its declared values, a layer that declares or uses images
+    /// sees `images.<name>` (see `PlannedImage::template_info`).
     pub fn values_for(&self, layer: &Layer) -> BTreeMap<String, Json> {
-        layer
+        let mut values: BTreeMap<String, Json> = layer
             .def
             .values
             .keys()
             .filter_map(|k| self.values.get(k).map(|v| (k.clone(), v.clone())))
-            .collect()
+            .collect();
+        let images: serde_json::Map<String, Json> = self
+            .images
+            .iter()
+            .filter(|i| i.users.contains(&layer.name))
+            .map(|i| (i.name.clone(), i.template_info()))
+            .collect();
+        if !images.is_empty() {
+            values.insert("images".into(), Json::Object(images));
+        }
+        values
     }
 
     /// The non-sensitive values the included layers read: what the
@@ -77,41 +92,72 @@ pub fn plan(project: &Project, profile_name: &str, input: &SiteInput) -> Result<
         candidates.push(Layer::load(&project.layers_dir(), name)?);
     }
 
-    let specs = collect_specs(&candidates)?;
-    check_when_clauses(&candidates, &specs)?;
+    let decls = images::collect_decls(&candidates)?;
+    let specs = collect_specs(&candidates, &decls)?;
+    check_when_clauses(&candidates, &decls, &specs)?;
     let sources = sources(&profile, input)?;
     let values = values::resolve(&specs, &sources)?;
 
     let layers: Vec<Layer> = candidates
         .into_iter()
-        .filter(|l| included(l, &specs, &values))
+        .filter(|l| when_holds(&l.def.when, &specs, &values))
         .collect();
     let layers = order(layers, project)?;
+
+    let mut needed: BTreeMap<String, (ImageDecl, Vec<String>)> = BTreeMap::new();
+    for layer in &layers {
+        for name in images::layer_images(layer, &|d| when_holds(&d.when, &specs, &values)) {
+            let (_, decl) = &decls[name];
+            if when_holds(&decl.when, &specs, &values) {
+                needed
+                    .entry(name.to_string())
+                    .or_insert_with(|| (decl.clone(), Vec::new()))
+                    .1
+                    .push(layer.name.clone());
+            }
+        }
+    }
+    let images = images::plan_images(project, &needed, &values)?;
     Ok(Plan {
         profile,
         layers,
         specs,
         values,
+        images,
     })
 }
 
-/// Every value any candidate layer declares; two declarations of one name
-/// must agree.
-fn collect_specs(layers: &[Layer]) -> Result<BTreeMap<String, ValueSpec>> {
+/// Every value any candidate layer declares, and those its images bring;
+/// two declarations of one name must agree.
+fn collect_specs(
+    layers: &[Layer],
+    decls: &BTreeMap<String, (String, ImageDecl)>,
+) -> Result<BTreeMap<String, ValueSpec>> {
     let mut specs: BTreeMap<String, (String, ValueSpec)> = BTreeMap::new();
-    for layer in layers {
-        for (name, spec) in &layer.def.values {
+    let declared = layers
+        .iter()
+        .map(|l| (l.name.clone(), l.def.values.clone()));
+    let implied = decls.iter().map(|(image, (layer, decl))| {
+        (
+            layer.clone(),
+            images::implicit_specs(image, decl).into_iter().collect(),
+        )
+    });
+    let all: Vec<(String, BTreeMap<String, ValueSpec>)> = declared.chain(implied).collect();
+    for (layer_name, values) in &all {
+        for (name, spec) in values {
             match specs.get(name) {
                 Some((first, existing)) if !existing.same_contract(spec) => {
                     return Err(anyhow!(
                     "site value {name} is declared differently in layers/{first}/layer.toml and \
-                         layers/{}/layer.toml; make type, default and choices identical",
-                    layer.name
+                         layers/{layer_name}/layer.toml (an image's [images] entry brings \
+                         offline, <image>_image and <image>_image_source); make type, default and \
+                         choices identical"
                 ))
                 }
                 Some(_) => {}
                 None => {
-                    specs.insert(name.clone(), (layer.name.clone(), spec.clone()));
+                    specs.insert(name.clone(), (layer_name.clone(), spec.clone()));
                 }
             }
         }
@@ -119,10 +165,22 @@ fn collect_specs(layers: &[Layer]) -> Result<BTreeMap<String, ValueSpec>> {
     Ok(specs.into_iter().map(|(k, (_, s))| (k, s)).collect())
 }
 
-fn check_when_clauses(layers: &[Layer], specs: &BTreeMap<String, ValueSpec>) -> Result<()> {
-    for layer in layers {
-        for (name, wanted) in &layer.def.when {
-            let file = format!("layers/{}/layer.toml", layer.name);
+fn check_when_clauses(
+    layers: &[Layer],
+    decls: &BTreeMap<String, (String, ImageDecl)>,
+    specs: &BTreeMap<String, ValueSpec>,
+) -> Result<()> {
+    let layer_whens = layers
+        .iter()
+        .map(|l| (format!("layers/{}/layer.toml", l.name), &l.def.when));
+    let image_whens = decls.iter().map(|(image, (layer, decl))| {
+        (
+            format!("layers/{layer}/layer.toml: [images.{image}]"),
+            &decl.when,
+        )
+    });
+    for (file, when) in layer_whens.chain(image_whens) {
+        for (name, wanted) in when {
             let spec = specs.get(name).ok_or_else(|| {
                 anyhow!("{file}: [when] tests {name:?}, which no layer of the profile declares")
             })?;
@@ -181,8 +239,13 @@ fn sources(profile: &Profile, input: &SiteInput) -> Result<Vec<Source>> {
     Ok(sources)
 }
 
-fn included(layer: &Layer, specs: &BTreeMap<String, ValueSpec>, values: &Values) -> bool {
-    layer.def.when.iter().all(|(name, wanted)| {
+/// Whether every clause of a `when` table holds for the values.
+fn when_holds(
+    when: &BTreeMap<String, toml::Value>,
+    specs: &BTreeMap<String, ValueSpec>,
+    values: &Values,
+) -> bool {
+    when.iter().all(|(name, wanted)| {
         let spec = &specs[name];
         let wanted = match spec.kind {
             values::Kind::List => spec.item_parse(wanted),

@@ -55,6 +55,12 @@ impl Project {
         self.root.join("images")
     }
 
+    /// Recipes of container images the builder can build itself:
+    /// `images/local/<image>/recipe.toml`.
+    pub fn local_images_dir(&self) -> PathBuf {
+        self.images_dir().join("local")
+    }
+
     /// Names of the layer directories, sorted.
     pub fn layer_names(&self) -> Result<Vec<String>> {
         names_in(&self.layers_dir(), |p| p.join("layer.toml").is_file(), None)

@@ -8,7 +8,7 @@ use anyhow::{anyhow, Context, Result};
 use globset::{GlobBuilder, GlobMatcher};
 use serde_json::Value as Json;
 
-use crate::layer::{Layer, SourceNode};
+use crate::layer::{FileAttrs, Layer, SourceNode};
 use crate::template;
 use crate::tree::{Content, Entry, Node, Tree};
 
@@ -61,16 +61,20 @@ pub fn layer_tree(layer: &Layer, values: &BTreeMap<String, Json>) -> Result<Tree
         tree.insert(path.as_bytes(), Entry::file(Content::Bytes(bytes)))
             .with_context(|| shown.clone())?;
     }
-    apply_attributes(layer, &mut tree)?;
+    let file = format!("layers/{}/layer.toml", layer.name);
+    apply_attributes(&layer.def.files, &file, &mut tree)?;
     Ok(tree)
 }
 
-/// Applies `[files."<glob>"]` from layer.toml. A pattern that matches
-/// nothing is an error: it is almost always a typo.
-fn apply_attributes(layer: &Layer, tree: &mut Tree) -> Result<()> {
-    for (pattern, attrs) in &layer.def.files {
-        let matcher = glob(pattern)
-            .with_context(|| format!("layers/{}/layer.toml: [files.\"{pattern}\"]", layer.name))?;
+/// Applies `[files."<glob>"]` (of layer.toml or a recipe, named `file`).
+/// A pattern that matches nothing is an error: it is almost always a typo.
+pub fn apply_attributes(
+    files: &BTreeMap<String, FileAttrs>,
+    file: &str,
+    tree: &mut Tree,
+) -> Result<()> {
+    for (pattern, attrs) in files {
+        let matcher = glob(pattern).with_context(|| format!("{file}: [files.\"{pattern}\"]"))?;
         let mode = attrs.mode_bits().map_err(anyhow::Error::msg)?;
         let paths: Vec<Vec<u8>> = tree
             .iter()
@@ -79,9 +83,8 @@ fn apply_attributes(layer: &Layer, tree: &mut Tree) -> Result<()> {
             .collect();
         if paths.is_empty() {
             return Err(anyhow!(
-                "layers/{}/layer.toml: [files.\"{pattern}\"] matches no path of the layer \
-                 (patterns name output paths under root/, without .tera)",
-                layer.name
+                "{file}: [files.\"{pattern}\"] matches no path under root/ \
+                 (patterns name output paths under root/, without .tera)"
             ));
         }
         for path in paths {
@@ -89,9 +92,8 @@ fn apply_attributes(layer: &Layer, tree: &mut Tree) -> Result<()> {
             if let Some(m) = mode {
                 if matches!(entry.node, Node::Symlink(_)) {
                     return Err(anyhow!(
-                        "layers/{}/layer.toml: [files.\"{pattern}\"] sets a mode on the symlink {}; \
+                        "{file}: [files.\"{pattern}\"] sets a mode on the symlink {}; \
                          symlinks have no mode of their own",
-                        layer.name,
                         String::from_utf8_lossy(&path)
                     ));
                 }

@@ -9,6 +9,8 @@ use serde_json::Value as Json;
 
 use crate::bundle::{self, Bundle, BUILDER_MANIFEST, SUMS};
 use crate::digest::Digest;
+use crate::images;
+use crate::manifest::{Manifest, ManifestImage};
 
 #[derive(Debug, Serialize)]
 pub struct VerifyReport {
@@ -134,6 +136,7 @@ pub fn verify(path: &std::path::Path) -> Result<VerifyReport> {
                 ok: problems.len() == before,
             });
         }
+        check_images(&bundle, manifest, &mut problems);
         // A damaged blob is also reported by the blob and sums checks; mark
         // its layer failed in any case.
         for check in &mut layers {
@@ -153,6 +156,39 @@ pub fn verify(path: &std::path::Path) -> Result<VerifyReport> {
         layers,
         problems,
     })
+}
+
+/// Embedded images: in the `images` layer, whole and intact. Upstream
+/// ones must be pinned.
+fn check_images(bundle: &Bundle, manifest: &Manifest, problems: &mut Vec<String>) {
+    for image in manifest.images.iter().filter(|i| !i.embedded) {
+        if !image.reference.contains("@sha256:") {
+            problems.push(format!(
+                "image {}: {} is not pinned by digest",
+                image.name, image.reference
+            ));
+        }
+    }
+    let embedded: Vec<&ManifestImage> = manifest.images.iter().filter(|i| i.embedded).collect();
+    let layer = manifest.layers.iter().find(|l| l.name == images::LAYER);
+    match (layer, embedded.is_empty()) {
+        (None, true) => {}
+        (None, false) => problems.push(format!(
+            "{BUILDER_MANIFEST} lists embedded images but there is no {} layer",
+            images::LAYER
+        )),
+        (Some(layer), _) => {
+            let blob = bundle::blob_name(&layer.digest);
+            match bundle.with_file(&blob, |r| images::embed::check_layer(r, &embedded)) {
+                Ok(found) => problems.extend(
+                    found
+                        .into_iter()
+                        .map(|p| format!("layer {}: {p}", images::LAYER)),
+                ),
+                Err(e) => problems.push(format!("layer {}: cannot be read: {e:#}", images::LAYER)),
+            }
+        }
+    }
 }
 
 fn check_sums(bundle: &Bundle, label: &dyn Fn(&str) -> String, problems: &mut Vec<String>) {

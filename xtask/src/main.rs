@@ -1,13 +1,14 @@
 //! Project automation: `cargo xtask <command>`.
 
 mod bench;
+mod lock;
 mod synapse;
 mod test;
 mod tools;
 
 use std::process::ExitCode;
 
-const COMMANDS: &str = "bench, test, tools";
+const COMMANDS: &str = "bench, lock-wheels, test, tools";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -15,6 +16,7 @@ fn main() -> ExitCode {
     let rest: Vec<String> = args.collect();
     let result = match cmd.as_deref() {
         Some("bench") => bench::run(&rest),
+        Some("lock-wheels") => lock::run(&rest),
         Some("test") => test::run(&rest),
         Some("tools") => tools::run(&rest),
         Some(other) => {
