@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::stack::{boot, prepare, server_names, Stack};
+use common::stack::{boot, prepare, server_names, Stack, CA};
 use common::*;
 
 /// The proxy as systemd brings it up: its containers (each unit's
@@ -87,8 +87,6 @@ fn first_boot_brings_up_synapse_on_postgres_with_c_collation() {
     assert_eq!(stack.secret("synapse/secrets/signing.key"), key);
 }
 
-const CA: &str = "/var/lib/matrix/proxy/internal-ca.crt";
-
 /// Logs in; returns the access token, or the HTTP status on refusal.
 fn login(stack: &Stack, base: &str, user: &str, password: &str) -> Result<String, u16> {
     let body = serde_json::json!({
@@ -96,8 +94,7 @@ fn login(stack: &Stack, base: &str, user: &str, password: &str) -> Result<String
         "identifier": {"type": "m.id.user", "user": user},
         "password": password,
     });
-    let a = request(
-        stack,
+    let a = stack.request(
         None,
         "POST",
         &format!("{base}/_matrix/client/v3/login"),
@@ -117,29 +114,7 @@ fn authed(
     url: &str,
     body: Option<&serde_json::Value>,
 ) -> common::stack::Answer {
-    request(stack, Some(token), method, url, body)
-}
-
-/// A client request over TLS with the internal CA: optional access token,
-/// optional JSON body.
-fn request(
-    stack: &Stack,
-    token: Option<&str>,
-    method: &str,
-    url: &str,
-    body: Option<&serde_json::Value>,
-) -> common::stack::Answer {
-    let auth = token.map(|t| format!("Authorization: Bearer {t}"));
-    let mut args = vec!["--cacert", CA, "-X", method];
-    if let Some(auth) = &auth {
-        args.extend(["-H", auth.as_str()]);
-    }
-    let text;
-    if let Some(b) = body {
-        text = b.to_string();
-        args.extend(["-H", "Content-Type: application/json", "-d", &text]);
-    }
-    stack.http(&args, url)
+    stack.request(Some(token), method, url, body)
 }
 
 /// The Matrix round trip through the proxy over TLS, for one proxy.
@@ -198,8 +173,7 @@ fn round_trip_through(proxy: &str) {
     assert_eq!(server.json()["m.server"], format!("{matrix_host}:443"));
 
     // Closed doors: registration, the admin API, and / goes to the web client.
-    let register = request(
-        &stack,
+    let register = stack.request(
         None,
         "POST",
         &format!("{base}/_matrix/client/v3/register"),

@@ -122,11 +122,11 @@ pub struct Stack {
     pub dir: tempfile::TempDir,
     pub rendered: PathBuf,
     pub state: PathBuf,
-    hosts: PathBuf,
+    pub hosts: PathBuf,
     synapse: PathBuf,
     /// Extra host names that resolve to this stack (server name, host).
     pub names: Vec<String>,
-    children: Vec<(String, Child)>,
+    pub children: Vec<(String, Child)>,
     /// Extra (host path, path inside) binds for every command.
     pub extra_binds: Vec<(PathBuf, String)>,
 }
@@ -715,6 +715,9 @@ impl Stack {
 /// to run instead, and binds it needs.
 pub type ProgramFor = dyn Fn(&str) -> (Vec<String>, Vec<(PathBuf, String)>);
 
+/// The internal CA's certificate (tls_mode=internal), inside a stack.
+pub const CA: &str = "/var/lib/matrix/proxy/internal-ca.crt";
+
 /// An HTTP answer as curl saw it.
 #[derive(Debug)]
 pub struct Answer {
@@ -769,5 +772,29 @@ impl Stack {
             headers,
             body: body.to_string(),
         }
+    }
+}
+
+impl Stack {
+    /// A client request over TLS with the internal CA: optional access
+    /// token, optional JSON body.
+    pub fn request(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        url: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Answer {
+        let auth = token.map(|t| format!("Authorization: Bearer {t}"));
+        let mut args = vec!["--cacert", CA, "-X", method];
+        if let Some(auth) = &auth {
+            args.extend(["-H", auth.as_str()]);
+        }
+        let text;
+        if let Some(b) = body {
+            text = b.to_string();
+            args.extend(["-H", "Content-Type: application/json", "-d", &text]);
+        }
+        self.http(&args, url)
     }
 }

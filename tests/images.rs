@@ -1,0 +1,540 @@
+//! Offline installs (issue 4): every container image embedded, built here
+//! from Debian packages and PyPI wheels or taken from an OCI archive, and
+//! the locally built PostgreSQL, Synapse and nginx images serving the
+//! Matrix round trip with the stack's rendered configs.
+//!
+//! Local images take minutes to build, so the tests share one cache
+//! (`target/test-image-cache`, content-addressed like any builder cache)
+//! and build one at a time; the reproducibility test rebuilds from an empty
+//! cache that shares only the downloaded .debs and wheels.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::images::unpack;
+use common::stack::{server_names, Stack, CA};
+use common::tools::{Sandbox, ToolsRoot};
+use common::*;
+
+static BUILDING: Mutex<()> = Mutex::new(());
+
+fn shared_cache() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-image-cache");
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A project copy whose builder cache is the shared one.
+fn project_with_shared_cache() -> Project {
+    let project = Project::copy_of_repo();
+    std::os::unix::fs::symlink(shared_cache(), project.cache()).unwrap();
+    project
+}
+
+/// `builder ARGS` with the shared cache, one build at a time.
+fn build_locked(project: &Project, args: &[&str]) -> std::process::Output {
+    let _guard = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+    project.builder(args)
+}
+
+fn manifest_of(project: &Project, profile: &str) -> serde_json::Value {
+    let path = project.out().join(format!("{profile}.manifest.json"));
+    serde_json::from_slice(&fs::read(path).unwrap()).unwrap()
+}
+
+const OFFLINE_IMAGES: [&str; 3] = ["nginx", "postgres", "synapse"];
+
+#[test]
+fn the_offline_profile_embeds_every_image_and_rebuilds_identically() {
+    let project = project_with_shared_cache();
+    let o = build_locked(&project, &["build", "--profile", "vps-offline"]);
+    assert_exit(&o, 0);
+    let manifest = manifest_of(&project, "vps-offline");
+    let images = manifest["images"].as_array().unwrap();
+    let names: Vec<&str> = images.iter().map(|i| i["name"].as_str().unwrap()).collect();
+    assert_eq!(names, OFFLINE_IMAGES, "{manifest:#}");
+    for image in images {
+        // Nothing that would be pulled: embedded, built here, named locally.
+        assert_eq!(image["embedded"], true, "{image:#}");
+        assert_eq!(image["source"], "local", "{image:#}");
+        let reference = image["reference"].as_str().unwrap();
+        assert!(
+            reference.starts_with("localhost/matrix-appliance/"),
+            "{image:#}"
+        );
+        assert!(image["size"].as_u64().unwrap() > 1_000_000, "{image:#}");
+    }
+    // The bundle's quadlets use the .image units and never pull.
+    let tree = project.dir.path().join("tree");
+    assert_exit(
+        &build_locked(
+            &project,
+            &[
+                "render",
+                "--profile",
+                "vps-offline",
+                "--out",
+                tree.to_str().unwrap(),
+            ],
+        ),
+        0,
+    );
+    let units = tree.join("usr/share/containers/systemd");
+    for (container, image) in [
+        ("matrix-postgres.container", "postgres"),
+        ("matrix-synapse.container", "synapse"),
+        ("matrix-proxy.container", "nginx"),
+    ] {
+        let text = fs::read_to_string(units.join(container)).unwrap();
+        assert!(
+            text.contains(&format!("\nImage=matrix-image-{image}.image\n")),
+            "{container}:\n{text}"
+        );
+        assert!(text.contains("\nPull=never\n"), "{container}:\n{text}");
+        let unit = fs::read_to_string(units.join(format!("matrix-image-{image}.image"))).unwrap();
+        assert!(
+            unit.contains(&format!(
+                "Image=oci:/usr/share/matrix-appliance/images:localhost/matrix-appliance/{image}:embedded\n"
+            )),
+            "{unit}"
+        );
+        assert!(!settings(&unit).contains("docker.io"), "{unit}");
+    }
+    // Podman 5's quadlet generator: each container requires its image's
+    // load service and runs the embedded name with --pull never; each load
+    // service copies from the read-only layout and waits on no network.
+    let sandbox = Sandbox {
+        trees: vec![tree.clone()],
+        offline: true,
+        ..Sandbox::default()
+    };
+    let out = ToolsRoot::get()
+        .command_in(&sandbox, "/usr/libexec/podman/quadlet", &["-dryrun"])
+        .env("QUADLET_UNIT_DIRS", "/usr/share/containers/systemd")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let generated = stdout(&out);
+    let unit = |name: &str| -> String {
+        let start = generated
+            .find(&format!("---{name}---"))
+            .unwrap_or_else(|| panic!("quadlet made no {name}:\n{generated}"));
+        let rest = &generated[start + name.len() + 6..];
+        rest[..rest.find("\n---").unwrap_or(rest.len())].to_string()
+    };
+    for (service, image) in [
+        ("matrix-postgres.service", "postgres"),
+        ("matrix-synapse.service", "synapse"),
+        ("matrix-proxy.service", "nginx"),
+    ] {
+        let text = unit(service);
+        let load = format!("matrix-image-{image}-image.service");
+        assert!(
+            text.contains(&format!("Requires={load}")),
+            "{service}:\n{text}"
+        );
+        let exec = text.lines().find(|l| l.starts_with("ExecStart=")).unwrap();
+        assert!(exec.contains("--pull never"), "{exec}");
+        assert!(
+            exec.contains(&format!(" localhost/matrix-appliance/{image}:embedded")),
+            "{exec}"
+        );
+        let load_text = unit(&load);
+        assert!(
+            !settings(&load_text).contains("network-online"),
+            "{load}:\n{load_text}"
+        );
+        assert!(
+            load_text.contains(&format!(
+                "ExecStart=/usr/bin/podman image pull oci:/usr/share/matrix-appliance/images:localhost/matrix-appliance/{image}:embedded"
+            )),
+            "{load}:\n{load_text}"
+        );
+    }
+    for text in walk_texts(&tree.join("usr/lib/systemd/system")) {
+        assert!(
+            !settings(&text).contains("docker.io/"),
+            "a unit still names a registry image:\n{text}"
+        );
+    }
+
+    let bundle = project.out().join("vps-offline.bundle.tar");
+    let o = project.builder(&["verify", bundle.to_str().unwrap()]);
+    assert_exit(&o, 0);
+    let o = project.builder(&["inspect", bundle.to_str().unwrap()]);
+    assert_exit(&o, 0);
+    let text = stdout(&o);
+    for name in OFFLINE_IMAGES {
+        assert!(
+            text.lines().any(|l| l.trim_start().starts_with(name)
+                && l.contains(" local ")
+                && l.contains("loaded")),
+            "{text}"
+        );
+    }
+    assert!(!text.contains("pulled"), "{text}");
+
+    // The same inputs from an empty cache (only the downloaded .debs and
+    // wheels shared, as a second machine with a package proxy would have):
+    // byte-identical images and bundle.
+    let again = Project::copy_of_repo();
+    fs::create_dir_all(again.cache()).unwrap();
+    for kept in ["debs", "wheels"] {
+        std::os::unix::fs::symlink(shared_cache().join(kept), again.cache().join(kept)).unwrap();
+    }
+    let o = build_locked(&again, &["build", "--profile", "vps-offline"]);
+    assert_exit(&o, 0);
+    assert!(
+        stderr(&o).contains("with mmdebstrap"),
+        "the second build reused a cache:\n{}",
+        stderr(&o)
+    );
+    let first: Vec<&serde_json::Value> = images.iter().map(|i| &i["digest"]).collect();
+    let second_manifest = manifest_of(&again, "vps-offline");
+    let second: Vec<&serde_json::Value> = second_manifest["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| &i["digest"])
+        .collect();
+    assert_eq!(first, second);
+    assert_eq!(
+        fs::read(&bundle).unwrap(),
+        fs::read(again.out().join("vps-offline.bundle.tar")).unwrap(),
+        "the two bundles differ"
+    );
+}
+
+/// A unit file without its comments.
+fn settings(text: &str) -> String {
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn walk_texts(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk_texts(&p));
+        } else if let Ok(t) = fs::read_to_string(&p) {
+            out.push(t);
+        }
+    }
+    out
+}
+
+/// The round trip of the stack tests, with PostgreSQL, Synapse and nginx
+/// run from the images the bundle embeds (unpacked by umoci, their own
+/// entrypoints, users and environment; see tests/common/images.rs).
+#[test]
+fn locally_built_images_serve_matrix_with_the_rendered_configs() {
+    let project = project_with_shared_cache();
+    let server_name = server_names().0;
+    let matrix_host = format!("matrix.{server_name}");
+    let values = [
+        ("server_name", server_name.as_str()),
+        ("offline", "true"),
+        ("tls_mode", "internal"),
+        ("proxy", "nginx"),
+    ];
+    let mut stack = {
+        let _guard = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+        Stack::new(&project, &values)
+    };
+    stack.names = vec![server_name.clone(), matrix_host.clone()];
+    stack.write_hosts(&[]);
+    stack.tmpfiles();
+    fs::write(
+        stack.state.join("synapse/conf.d/90-test-rate-limits.yaml"),
+        "rc_login:\n  address: {per_second: 100, burst_count: 100}\n  account: {per_second: 100, burst_count: 100}\n",
+    )
+    .unwrap();
+    let roots = stack.dir.path().join("images");
+    let image = |name: &str| {
+        unpack(
+            &stack.rendered,
+            &format!("localhost/matrix-appliance/{name}:embedded"),
+            &roots.join(name),
+        )
+    };
+    let (postgres, synapse, nginx) = (image("postgres"), image("synapse"), image("nginx"));
+
+    stack.firstboot("secrets");
+    // PostgreSQL: the image's entrypoint initialises the empty data directory.
+    stack.start_image_container("postgres", "matrix-postgres.container", &postgres);
+    stack.wait_healthy(
+        "postgres",
+        "matrix-postgres.container",
+        &postgres,
+        Duration::from_secs(90),
+    );
+    let password = stack.secret("secrets/postgres-password");
+    let pgpass = stack.state.join("test-superuser.pgpass");
+    fs::write(&pgpass, format!("127.0.0.1:5432:*:postgres:{password}\n")).unwrap();
+    fs::set_permissions(&pgpass, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    assert_eq!(
+        stack.sql(
+            "SELECT datcollate || ' ' || datctype FROM pg_database WHERE datname = 'template1'"
+        ),
+        "C C"
+    );
+    assert_eq!(stack.sql("SHOW data_checksums"), "on");
+    stack.firstboot("databases");
+
+    // The signing key from the Synapse image, as the first-boot unit runs it
+    // (`podman run --entrypoint=python3 IMAGE -m ...`).
+    let o = stack.exec_in(
+        "matrix-synapse.container",
+        &synapse,
+        &["python3", "-m", "synapse._scripts.generate_signing_key"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let key = stack.state.join("synapse/secrets/signing.key");
+    fs::write(&key, &o.stdout).unwrap();
+    Command::new("chown")
+        .args(["991:991"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+
+    // Synapse as user 991 on a read-only root; healthy = its HealthCmd (curl
+    // inside the image) passes.
+    stack.start_image_container("synapse", "matrix-synapse.container", &synapse);
+    stack.wait_healthy(
+        "synapse",
+        "matrix-synapse.container",
+        &synapse,
+        Duration::from_secs(180),
+    );
+    stack.firstboot("admin-user");
+
+    // nginx from its image, after the unit's ExecStartPre (certificates).
+    stack.run_env(
+        &[("MATRIX_PROXY_RELOAD", "true")],
+        "/usr/libexec/matrix-appliance/matrix-proxy-certs",
+        &["ensure"],
+    );
+    stack.start_image_container("matrix-proxy", "matrix-proxy.container", &nginx);
+    let base = format!("https://{matrix_host}");
+    stack.wait_for(
+        "nginx from its image",
+        Duration::from_secs(60),
+        "curl",
+        &[
+            "-fsS",
+            "--cacert",
+            CA,
+            "-o",
+            "/dev/null",
+            &format!("{base}/_matrix/client/versions"),
+        ],
+    );
+
+    let versions = stack.http(
+        &["--cacert", CA],
+        &format!("{base}/_matrix/client/versions"),
+    );
+    assert_eq!(versions.status, 200, "{versions:?}");
+    let well_known = stack.http(
+        &["--cacert", CA],
+        &format!("https://{server_name}/.well-known/matrix/server"),
+    );
+    assert_eq!(well_known.json()["m.server"], format!("{matrix_host}:443"));
+
+    let admin = stack.secret("secrets/admin-password");
+    let login = serde_json::json!({
+        "type": "m.login.password",
+        "identifier": {"type": "m.id.user", "user": "admin"},
+        "password": admin,
+    });
+    let a = stack.request(
+        None,
+        "POST",
+        &format!("{base}/_matrix/client/v3/login"),
+        Some(&login),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    let token = a.json()["access_token"].as_str().unwrap().to_string();
+    let room = stack.request(
+        Some(&token),
+        "POST",
+        &format!("{base}/_matrix/client/v3/createRoom"),
+        Some(&serde_json::json!({"name": "offline"})),
+    );
+    assert_eq!(room.status, 200, "{room:?}");
+    let room_id = room.json()["room_id"].as_str().unwrap().to_string();
+    let text = "sent through images built from Debian and PyPI";
+    let sent = stack.request(
+        Some(&token),
+        "PUT",
+        &format!("{base}/_matrix/client/v3/rooms/{room_id}/send/m.room.message/t1"),
+        Some(&serde_json::json!({"msgtype": "m.text", "body": text})),
+    );
+    assert_eq!(sent.status, 200, "{sent:?}");
+    let messages = stack.request(
+        Some(&token),
+        "GET",
+        &format!("{base}/_matrix/client/v3/rooms/{room_id}/messages?dir=b&limit=10"),
+        None,
+    );
+    assert_eq!(messages.status, 200, "{messages:?}");
+    assert!(
+        messages.json()["chunk"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["content"]["body"] == text),
+        "{messages:?}"
+    );
+}
+
+#[test]
+fn an_image_with_neither_recipe_nor_archive_cannot_be_offline() {
+    let project = Project::copy_of_repo();
+    // With ACME, nginx's certificates need lego, which Debian cannot build.
+    let o = project.builder(&[
+        "build",
+        "--profile",
+        "vps-offline",
+        "--set",
+        "tls_mode=acme",
+    ]);
+    assert_exit(&o, 2);
+    let e = stderr(&o);
+    assert!(e.contains("image lego (used by layer proxy-nginx)"), "{e}");
+    assert!(e.contains("--set lego_image_source=archive:"), "{e}");
+    assert!(
+        e.contains("skopeo copy docker://docker.io/goacme/lego@sha256:"),
+        "{e}"
+    );
+    assert!(e.contains("images/local/lego/recipe.toml"), "{e}");
+    assert!(project.out_files().is_empty(), "{:?}", project.out_files());
+}
+
+#[test]
+fn bad_image_settings_are_named_with_their_fix() {
+    let project = Project::copy_of_repo();
+    let cases: [(&[&str], &[&str]); 4] = [
+        (
+            &["synapse_image=docker.io/matrixdotorg/synapse:latest"],
+            &["synapse_image", "sha256"],
+        ),
+        (
+            &["postgres_image_source=archive:/nonexistent/pg.tar"],
+            &["image postgres", "/nonexistent/pg.tar", "does not exist"],
+        ),
+        (
+            &["offline=true", "synapse_image_source=upstream"],
+            &["image synapse", "offline = true forbids pulling"],
+        ),
+        (&["nginx_image_source=mirror"], &["nginx_image_source"]),
+    ];
+    for (sets, wanted) in cases {
+        let mut args = vec!["build", "--profile", "vps"];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        let o = project.builder(&args);
+        assert_exit(&o, 2);
+        let e = stderr(&o);
+        for w in wanted {
+            assert!(e.contains(w), "{sets:?}: {w:?} not in:\n{e}");
+        }
+    }
+    assert!(project.out_files().is_empty());
+}
+
+/// An image made elsewhere (here: the local PostgreSQL image copied out by
+/// skopeo, as `skopeo copy docker://... oci-archive:` would make one) is
+/// checked and embedded with its own digest; a damaged one is refused.
+#[test]
+fn an_archive_is_checked_and_embedded() {
+    let project = project_with_shared_cache();
+    let tree = project.dir.path().join("tree");
+    assert_exit(
+        &build_locked(
+            &project,
+            &[
+                "render",
+                "--profile",
+                "minimal",
+                "--set",
+                "postgres_image_source=local",
+                "--out",
+                tree.to_str().unwrap(),
+            ],
+        ),
+        0,
+    );
+    let index: serde_json::Value = serde_json::from_slice(
+        &fs::read(tree.join("usr/share/matrix-appliance/images/index.json")).unwrap(),
+    )
+    .unwrap();
+    let local_digest = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let archive = project.dir.path().join("pg.oci.tar");
+    let o = Command::new("skopeo")
+        .arg("copy")
+        .arg(format!(
+            "oci:{}:localhost/matrix-appliance/postgres:embedded",
+            tree.join("usr/share/matrix-appliance/images").display()
+        ))
+        .arg(format!("oci-archive:{}", archive.display()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let source = format!("postgres_image_source=archive:{}", archive.display());
+    let o = project.builder(&["build", "--profile", "minimal", "--set", &source]);
+    assert_exit(&o, 0);
+    let manifest = manifest_of(&project, "minimal");
+    let pg = manifest["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "postgres")
+        .unwrap()
+        .clone();
+    assert_eq!(pg["source"], "archive");
+    assert_eq!(pg["embedded"], true);
+    assert_eq!(pg["digest"], local_digest.as_str());
+    let bundle = project.out().join("minimal.bundle.tar");
+    assert_exit(&project.builder(&["verify", bundle.to_str().unwrap()]), 0);
+
+    // One flipped byte in a layer blob of an OCI layout: refused, named.
+    let layout = project.dir.path().join("layout");
+    let o = Command::new("skopeo")
+        .arg("copy")
+        .arg(format!("oci-archive:{}", archive.display()))
+        .arg(format!("oci:{}:pg", layout.display()))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let blobs = layout.join("blobs/sha256");
+    let biggest = fs::read_dir(&blobs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = fs::read(&biggest).unwrap();
+    bytes[1000] ^= 0x55;
+    fs::write(&biggest, bytes).unwrap();
+    let fresh = Project::copy_of_repo();
+    let source = format!("postgres_image_source=archive:{}", layout.display());
+    let o = fresh.builder(&["build", "--profile", "minimal", "--set", &source]);
+    assert_exit(&o, 1);
+    let e = stderr(&o);
+    assert!(e.contains("image postgres") && e.contains("damaged"), "{e}");
+    assert!(fresh.out_files().is_empty());
+}
