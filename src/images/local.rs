@@ -229,7 +229,17 @@ fn debootstrap(recipe: &Recipe, mirror: &str, epoch: u64, cache: &Cache, dir: &P
     let hook = dir.join("essential-hook.sh");
     fs::write(&hook, essential_hook(recipe))?;
     let target = dir.join("root");
-    let debs_q = chroot::quote(debs.to_str().context("the cache path must be UTF-8")?);
+    // .debs come in from the shared cache and go out to this build's own
+    // directory, then into the cache one by one with a rename: a concurrent
+    // build never sees half a file.
+    let debs_out = dir.join("debs-out");
+    fs::create_dir_all(&debs_out)?;
+    let utf8 = |p: &Path| -> Result<String> {
+        Ok(chroot::quote(
+            p.to_str().context("the cache path must be UTF-8")?,
+        ))
+    };
+    let (debs_q, debs_out_q) = (utf8(&debs)?, utf8(&debs_out)?);
     let mut cmd = Command::new("mmdebstrap");
     cmd.args([
         "--variant=essential",
@@ -248,7 +258,7 @@ fn debootstrap(recipe: &Recipe, mirror: &str, epoch: u64, cache: &Cache, dir: &P
         chroot::quote(hook.to_str().unwrap_or_default())
     ))
     .arg(format!(
-        "--customize-hook=sync-out /var/cache/apt/archives {debs_q}"
+        "--customize-hook=sync-out /var/cache/apt/archives {debs_out_q}"
     ))
     .arg(SUITE)
     .arg(&target)
@@ -273,6 +283,13 @@ fn debootstrap(recipe: &Recipe, mirror: &str, epoch: u64, cache: &Cache, dir: &P
             tail.join("\n")
         );
     }
+    for entry in fs::read_dir(&debs_out)? {
+        let path = entry?.path();
+        let name = path.file_name().expect("a listed file has a name");
+        if path.extension().is_some_and(|e| e == "deb") && !debs.join(name).exists() {
+            fs::rename(&path, debs.join(name)).context("keeping a .deb in the cache")?;
+        }
+    }
     Ok(())
 }
 
@@ -283,7 +300,7 @@ fn essential_hook(recipe: &Recipe) -> String {
         s += &format!(
             "grep -q '^{n}:' \"$r/etc/group\" || echo '{n}:x:{g}:' >> \"$r/etc/group\"\n\
              grep -q '^{n}:' \"$r/etc/passwd\" || echo '{n}:x:{u}:{g}::{h}:{sh}' >> \"$r/etc/passwd\"\n\
-             grep -q '^{n}:' \"$r/etc/shadow\" || echo '{n}:!*::::::' >> \"$r/etc/shadow\"\n",
+             if [ -e \"$r/etc/shadow\" ]; then grep -q '^{n}:' \"$r/etc/shadow\" || echo '{n}:!*::::::' >> \"$r/etc/shadow\"; fi\n",
             n = u.name,
             u = u.uid,
             g = u.gid,
