@@ -15,7 +15,7 @@ use crate::digest::Digest;
 use crate::images;
 use crate::manifest::{Manifest, ManifestLayer, SCHEMA};
 use crate::outdir::OutDir;
-use crate::pack;
+use crate::pack::Packed;
 use crate::plan::{self, Plan, SiteInput};
 use crate::progress::Progress;
 use crate::project::Project;
@@ -64,72 +64,35 @@ pub fn build(req: &BuildRequest, progress: &mut Progress) -> Result<BuildReport>
         progress.working(&layer.name);
         let values = plan.values_for(layer);
         let key = cache::layer_key(layer, &serde_json::to_value(&values)?, req.epoch);
-        let (packed, cached) = match cache.get(&key)? {
-            Some(packed) => (packed, true),
-            None => {
-                let packed = cache.put(&key, |out| {
-                    let tree = render::layer_tree(layer, &values)?;
-                    Ok(pack::pack(&tree, req.epoch, out)?.1)
-                })?;
-                (packed, false)
-            }
-        };
-        progress.item_done(&format!(
-            "layer {:<16} {} {}",
-            layer.name,
-            if cached { "cached" } else { "packed" },
-            packed.diff_id
-        ));
-        reports.push(LayerReport {
-            name: layer.name.clone(),
-            diff_id: packed.diff_id,
-            digest: packed.digest,
+        let (packed, cached) =
+            cache.get_or_pack(&key, req.epoch, || render::layer_tree(layer, &values))?;
+        let line = add_layer(
+            &mut layers,
+            &mut reports,
+            &layer.name,
+            &layer.def.description,
+            packed,
             cached,
-        });
-        layers.push(ManifestLayer {
-            name: layer.name.clone(),
-            description: layer.def.description.clone(),
-            diff_id: packed.diff_id,
-            digest: packed.digest,
-            size: packed.size,
-            compressed_size: packed.compressed_size,
-            files: packed.entries,
-        });
+        );
+        progress.item_done(&line);
     }
     progress.finish();
 
     let embedded = images::obtain(&plan.images, &cache, req.epoch, progress)?;
     if !embedded.is_empty() {
         let key = images::embed::key(&embedded, req.epoch);
-        let (packed, cached) = match cache.get(&key)? {
-            Some(packed) => (packed, true),
-            None => {
-                let tree = images::embed::tree(&embedded, &cache)?;
-                let packed = cache.put(&key, |out| Ok(pack::pack(&tree, req.epoch, out)?.1))?;
-                (packed, false)
-            }
-        };
-        progress.note(&format!(
-            "layer {:<16} {} {}",
+        let (packed, cached) =
+            cache.get_or_pack(&key, req.epoch, || images::embed::tree(&embedded, &cache))?;
+        let description = images::embed::description(&embedded);
+        let line = add_layer(
+            &mut layers,
+            &mut reports,
             images::LAYER,
-            if cached { "cached" } else { "packed" },
-            packed.diff_id
-        ));
-        reports.push(LayerReport {
-            name: images::LAYER.into(),
-            diff_id: packed.diff_id,
-            digest: packed.digest,
+            &description,
+            packed,
             cached,
-        });
-        layers.push(ManifestLayer {
-            name: images::LAYER.into(),
-            description: images::embed::description(&embedded),
-            diff_id: packed.diff_id,
-            digest: packed.digest,
-            size: packed.size,
-            compressed_size: packed.compressed_size,
-            files: packed.entries,
-        });
+        );
+        progress.note(&line);
     }
 
     let manifest = Manifest {
@@ -169,6 +132,39 @@ pub fn build(req: &BuildRequest, progress: &mut Progress) -> Result<BuildReport>
         report.bundle.display()
     ));
     Ok(report)
+}
+
+/// Records a packed layer for the manifest and the report; returns the
+/// progress line.
+fn add_layer(
+    layers: &mut Vec<ManifestLayer>,
+    reports: &mut Vec<LayerReport>,
+    name: &str,
+    description: &str,
+    packed: Packed,
+    cached: bool,
+) -> String {
+    reports.push(LayerReport {
+        name: name.to_string(),
+        diff_id: packed.diff_id,
+        digest: packed.digest,
+        cached,
+    });
+    layers.push(ManifestLayer {
+        name: name.to_string(),
+        description: description.to_string(),
+        diff_id: packed.diff_id,
+        digest: packed.digest,
+        size: packed.size,
+        compressed_size: packed.compressed_size,
+        files: packed.entries,
+    });
+    format!(
+        "layer {:<16} {} {}",
+        name,
+        if cached { "cached" } else { "packed" },
+        packed.diff_id
+    )
 }
 
 /// The files layers export into the output directory (`[exports]`), by

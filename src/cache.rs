@@ -2,6 +2,7 @@
 //! `blobs/sha256/<digest>` and, per layer input key, a record of what
 //! packing those inputs produced. Same inputs → no repacking.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -10,7 +11,7 @@ use anyhow::{Context, Result};
 use sha2::{Digest as _, Sha256};
 
 use crate::digest::{Digest, HashingReader};
-use crate::layer::{field, Layer};
+use crate::layer::{field, hash_sources, Layer, SourceNode};
 use crate::pack::Packed;
 use crate::pgzip;
 
@@ -41,25 +42,49 @@ pub fn default_dir(explicit: Option<&Path>) -> Result<PathBuf> {
     anyhow::bail!("no cache directory: set --cache-dir, BUILDER_CACHE_DIR, XDG_CACHE_HOME or HOME")
 }
 
-/// The inputs that decide a layer's bytes: builder version and compression
-/// settings, the layer's own files, the values it reads, the epoch.
+/// A cache key being made: every key covers the kind of entry, the builder
+/// version, the compression settings and the epoch; each kind adds the
+/// inputs that decide its bytes.
+pub struct Key(Sha256);
+
+impl Key {
+    pub fn new(kind: &str, epoch: u64) -> Key {
+        let mut h = Sha256::new();
+        field(&mut h, kind.as_bytes());
+        field(&mut h, env!("CARGO_PKG_VERSION").as_bytes());
+        field(
+            &mut h,
+            format!("gzip level {} chunk {}", pgzip::LEVEL, pgzip::CHUNK_SIZE).as_bytes(),
+        );
+        field(&mut h, &epoch.to_le_bytes());
+        Key(h)
+    }
+
+    pub fn add(&mut self, bytes: &[u8]) -> &mut Key {
+        field(&mut self.0, bytes);
+        self
+    }
+
+    /// Adds a source tree (paths, kinds, contents).
+    pub fn add_sources(&mut self, sources: &BTreeMap<Vec<u8>, SourceNode>) -> &mut Key {
+        hash_sources(&mut self.0, sources);
+        self
+    }
+
+    pub fn finish(self) -> Digest {
+        let digest: [u8; 32] = self.0.finalize().into();
+        Digest::of(&digest)
+    }
+}
+
+/// The inputs that decide a layer's bytes: the layer's own files and the
+/// values it reads (besides what every key covers).
 pub fn layer_key(layer: &Layer, values: &serde_json::Value, epoch: u64) -> Digest {
-    let mut h = Sha256::new();
-    field(&mut h, b"builder layer cache v1");
-    field(&mut h, env!("CARGO_PKG_VERSION").as_bytes());
-    field(
-        &mut h,
-        format!("gzip level {} chunk {}", pgzip::LEVEL, pgzip::CHUNK_SIZE).as_bytes(),
-    );
-    field(&mut h, layer.name.as_bytes());
-    field(&mut h, &layer.source_hash());
-    field(
-        &mut h,
-        &serde_json::to_vec(values).expect("JSON values serialise"),
-    );
-    field(&mut h, &epoch.to_le_bytes());
-    let digest: [u8; 32] = h.finalize().into();
-    Digest::of(&digest)
+    let mut key = Key::new("builder layer cache v2", epoch);
+    key.add(layer.name.as_bytes())
+        .add(&layer.source_hash())
+        .add(&serde_json::to_vec(values).expect("JSON values serialise"));
+    key.finish()
 }
 
 impl Cache {
@@ -176,6 +201,22 @@ impl Cache {
             .finish()
             .context("reading a cached blob")?;
         Ok((digest == packed.digest && size == packed.compressed_size).then_some(packed))
+    }
+
+    /// The packed layer for `key`, packing the tree `make` gives on a miss;
+    /// true if it came from the cache.
+    pub fn get_or_pack(
+        &self,
+        key: &Digest,
+        epoch: u64,
+        make: impl FnOnce() -> Result<crate::tree::Tree>,
+    ) -> Result<(Packed, bool)> {
+        if let Some(packed) = self.get(key)? {
+            return Ok((packed, true));
+        }
+        let tree = make()?;
+        let packed = self.put(key, |out| Ok(crate::pack::pack(&tree, epoch, out)?.1))?;
+        Ok((packed, false))
     }
 
     /// Packs with `write` into a temporary file and files the blob and the

@@ -42,6 +42,27 @@ fn build_locked(project: &Project, args: &[&str]) -> std::process::Output {
     project.builder(args)
 }
 
+/// `builder render ARGS` into the project's `tree/`, one build at a time.
+fn render_locked(project: &Project, args: &[&str]) -> PathBuf {
+    let tree = project.dir.path().join("tree");
+    let mut all = vec!["render", "--out", tree.to_str().unwrap()];
+    all.extend_from_slice(args);
+    assert_exit(&build_locked(project, &all), 0);
+    tree
+}
+
+fn skopeo_copy(from: &str, to: &str) {
+    let o = Command::new("skopeo")
+        .args(["copy", from, to])
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "skopeo copy {from} {to}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 fn manifest_of(project: &Project, profile: &str) -> serde_json::Value {
     let path = project.out().join(format!("{profile}.manifest.json"));
     serde_json::from_slice(&fs::read(path).unwrap()).unwrap()
@@ -70,20 +91,7 @@ fn the_offline_profile_embeds_every_image_and_rebuilds_identically() {
         assert!(image["size"].as_u64().unwrap() > 1_000_000, "{image:#}");
     }
     // The bundle's quadlets use the .image units and never pull.
-    let tree = project.dir.path().join("tree");
-    assert_exit(
-        &build_locked(
-            &project,
-            &[
-                "render",
-                "--profile",
-                "vps-offline",
-                "--out",
-                tree.to_str().unwrap(),
-            ],
-        ),
-        0,
-    );
+    let tree = render_locked(&project, &["--profile", "vps-offline"]);
     let units = tree.join("usr/share/containers/systemd");
     for (container, image) in [
         ("matrix-postgres.container", "postgres"),
@@ -459,21 +467,14 @@ fn bad_image_settings_are_named_with_their_fix() {
 #[test]
 fn an_archive_is_checked_and_embedded() {
     let project = project_with_shared_cache();
-    let tree = project.dir.path().join("tree");
-    assert_exit(
-        &build_locked(
-            &project,
-            &[
-                "render",
-                "--profile",
-                "minimal",
-                "--set",
-                "postgres_image_source=local",
-                "--out",
-                tree.to_str().unwrap(),
-            ],
-        ),
-        0,
+    let tree = render_locked(
+        &project,
+        &[
+            "--profile",
+            "minimal",
+            "--set",
+            "postgres_image_source=local",
+        ],
     );
     let index: serde_json::Value = serde_json::from_slice(
         &fs::read(tree.join("usr/share/matrix-appliance/images/index.json")).unwrap(),
@@ -484,16 +485,13 @@ fn an_archive_is_checked_and_embedded() {
         .unwrap()
         .to_string();
     let archive = project.dir.path().join("pg.oci.tar");
-    let o = Command::new("skopeo")
-        .arg("copy")
-        .arg(format!(
+    skopeo_copy(
+        &format!(
             "oci:{}:localhost/matrix-appliance/postgres:embedded",
             tree.join("usr/share/matrix-appliance/images").display()
-        ))
-        .arg(format!("oci-archive:{}", archive.display()))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        ),
+        &format!("oci-archive:{}", archive.display()),
+    );
 
     let source = format!("postgres_image_source=archive:{}", archive.display());
     let o = project.builder(&["build", "--profile", "minimal", "--set", &source]);
@@ -514,13 +512,10 @@ fn an_archive_is_checked_and_embedded() {
 
     // One flipped byte in a layer blob of an OCI layout: refused, named.
     let layout = project.dir.path().join("layout");
-    let o = Command::new("skopeo")
-        .arg("copy")
-        .arg(format!("oci-archive:{}", archive.display()))
-        .arg(format!("oci:{}:pg", layout.display()))
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    skopeo_copy(
+        &format!("oci-archive:{}", archive.display()),
+        &format!("oci:{}:pg", layout.display()),
+    );
     let blobs = layout.join("blobs/sha256");
     let biggest = fs::read_dir(&blobs)
         .unwrap()

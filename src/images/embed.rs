@@ -4,14 +4,11 @@
 //! that layout — no registry, no network, no waiting on `network-online`.
 
 use anyhow::Result;
-use sha2::{Digest as _, Sha256};
 
 use super::{PlannedImage, StoredImage, LAYOUT_DIR};
-use crate::cache::Cache;
+use crate::cache::{Cache, Key};
 use crate::digest::Digest;
-use crate::layer::field;
 use crate::oci;
-use crate::pgzip;
 use crate::tree::{Content, Entry, Tree};
 
 const UNIT_DIR: &str = "usr/share/containers/systemd";
@@ -70,20 +67,13 @@ fn image_unit(e: &Embedded) -> String {
 
 /// The inputs that decide the layer's bytes.
 pub fn key(images: &[Embedded], epoch: u64) -> Digest {
-    let mut h = Sha256::new();
-    field(&mut h, b"builder images layer v1");
-    field(&mut h, env!("CARGO_PKG_VERSION").as_bytes());
-    field(
-        &mut h,
-        format!("gzip level {} chunk {}", pgzip::LEVEL, pgzip::CHUNK_SIZE).as_bytes(),
-    );
+    let mut key = Key::new("builder images layer v2", epoch);
     for e in images {
-        field(&mut h, e.image.embedded_ref().as_bytes());
-        field(&mut h, image_unit(e).as_bytes());
-        field(&mut h, e.stored.digest.to_string().as_bytes());
+        key.add(e.image.embedded_ref().as_bytes())
+            .add(image_unit(e).as_bytes())
+            .add(e.stored.digest.to_string().as_bytes());
     }
-    field(&mut h, &epoch.to_le_bytes());
-    Digest::of(&<[u8; 32]>::from(h.finalize()))
+    key.finish()
 }
 
 /// The layer's tree; blobs are read from the cache when packed.

@@ -91,23 +91,20 @@ pub fn build(
     let mirror = mirror();
     let base_key = recipe.base_key(&mirror, ALWAYS_REMOVED, epoch);
     let mut root: Option<tempfile::TempDir> = None;
-    let base = match cache.get(&base_key)? {
-        Some(packed) => packed,
-        None => {
-            chroot::require_root(&format!("building the local image {}", recipe.name))?;
-            progress.note(&format!(
-                "image {}: installing Debian {SUITE} packages ({}) with mmdebstrap",
-                recipe.name,
-                recipe.def.base.packages.join(", ")
-            ));
-            let dir = cache.temp_dir("root-")?;
-            debootstrap(recipe, &mirror, epoch, cache, dir.path())?;
-            let tree = base_tree(recipe, dir.path())?;
-            let packed = cache.put(&base_key, |out| Ok(pack::pack(&tree, epoch, out)?.1))?;
-            root = Some(dir);
-            packed
-        }
-    };
+    let (base, _) = cache.get_or_pack(&base_key, epoch, || {
+        chroot::require_root(&format!("building the local image {}", recipe.name))?;
+        progress.note(&format!(
+            "image {}: installing Debian {SUITE} packages ({}) with mmdebstrap",
+            recipe.name,
+            recipe.def.base.packages.join(", ")
+        ));
+        let dir = cache.temp_dir("root-")?;
+        debootstrap(recipe, &mirror, epoch, cache, dir.path())?;
+        let tree = base_tree(recipe, dir.path())?;
+        // Kept for the application step; the tree's files are read from it.
+        root = Some(dir);
+        Ok(tree)
+    })?;
 
     let app_key = recipe.app_key(&base.diff_id, epoch);
     if let Some(stored) = cache.record::<StoredImage>("local-images", &app_key) {
@@ -125,7 +122,8 @@ pub fn build(
         install_venv(recipe, cache, epoch, root.path())?;
     }
     let tree = app_tree(recipe, root.path())?;
-    // The app layer's cache key: the image key plus a tag.
+    // Filed under a key of its own: the image record (app_key) is what
+    // later builds look up.
     let app_layer_key = Digest::of(format!("app layer {app_key}").as_bytes());
     let app = cache.put(&app_layer_key, |out| Ok(pack::pack(&tree, epoch, out)?.1))?;
     drop(root);

@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use crate::cache::Key;
+use crate::digest::Digest;
+use crate::layer::{FileAttrs, SourceNode};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
-
-use crate::layer::{field, FileAttrs, SourceNode};
 
 pub const SUITE: &str = "trixie";
 
@@ -177,39 +177,22 @@ impl Recipe {
 
     /// What decides the base layer: packages, users, preseeds, removals
     /// (the recipe's and the builder's own `always_removed`).
-    pub fn base_key(
-        &self,
-        mirror: &str,
-        always_removed: &[&str],
-        epoch: u64,
-    ) -> crate::digest::Digest {
-        let mut h = Sha256::new();
-        field(&mut h, b"builder local base v1");
-        field(&mut h, env!("CARGO_PKG_VERSION").as_bytes());
-        field(&mut h, SUITE.as_bytes());
-        field(&mut h, mirror.as_bytes());
-        field(
-            &mut h,
-            &serde_json::to_vec(&self.def.base).expect("serialises"),
-        );
-        field(&mut h, always_removed.join("\n").as_bytes());
-        field(&mut h, &epoch.to_le_bytes());
-        crate::digest::Digest::of(&<[u8; 32]>::from(h.finalize()))
+    pub fn base_key(&self, mirror: &str, always_removed: &[&str], epoch: u64) -> Digest {
+        let mut key = Key::new("builder local base v2", epoch);
+        key.add(SUITE.as_bytes())
+            .add(mirror.as_bytes())
+            .add(&serde_json::to_vec(&self.def.base).expect("serialises"))
+            .add(always_removed.join("\n").as_bytes());
+        key.finish()
     }
 
     /// What decides the application layer and the config, given the base.
-    pub fn app_key(&self, base: &crate::digest::Digest, epoch: u64) -> crate::digest::Digest {
-        let mut h = Sha256::new();
-        field(&mut h, b"builder local app v1");
-        field(&mut h, env!("CARGO_PKG_VERSION").as_bytes());
-        field(&mut h, base.to_string().as_bytes());
-        field(&mut h, self.toml_text.as_bytes());
-        field(
-            &mut h,
-            self.requirements.as_deref().unwrap_or("").as_bytes(),
-        );
-        crate::layer::hash_sources(&mut h, &self.files);
-        field(&mut h, &epoch.to_le_bytes());
-        crate::digest::Digest::of(&<[u8; 32]>::from(h.finalize()))
+    pub fn app_key(&self, base: &Digest, epoch: u64) -> Digest {
+        let mut key = Key::new("builder local app v2", epoch);
+        key.add(base.to_string().as_bytes())
+            .add(self.toml_text.as_bytes())
+            .add(self.requirements.as_deref().unwrap_or("").as_bytes())
+            .add_sources(&self.files);
+        key.finish()
     }
 }
