@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::bundle;
 use crate::cache::{self, Cache};
 use crate::digest::Digest;
+use crate::disk;
 use crate::images;
 use crate::manifest::{Manifest, ManifestLayer, SCHEMA};
 use crate::outdir::OutDir;
@@ -40,6 +41,14 @@ pub struct BuildReport {
     pub bundle_digest: Digest,
     pub manifest: PathBuf,
     pub layers: Vec<LayerReport>,
+    /// The raw and qcow2 images of the `disk` output.
+    pub disk_images: Vec<DiskImageReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DiskImageReport {
+    pub path: PathBuf,
+    pub digest: Digest,
 }
 
 #[derive(Debug, Serialize)]
@@ -55,12 +64,17 @@ pub fn build(req: &BuildRequest, progress: &mut Progress) -> Result<BuildReport>
     let cache = Cache::open(req.cache_dir.clone())?;
 
     progress.start(
-        plan.layers.len() as u64,
+        (plan.layers.len() - plan.kind_layers.len()) as u64,
         &format!("building profile {}", plan.profile.name),
     );
     let mut layers = Vec::new();
     let mut reports = Vec::new();
-    for layer in &plan.layers {
+    // Layers an output kind adds (the disk's OS settings) stay out of the bundle.
+    for layer in plan
+        .layers
+        .iter()
+        .filter(|l| !plan.kind_layers.contains_key(&l.name))
+    {
         progress.working(&layer.name);
         let values = plan.values_for(layer);
         let key = cache::layer_key(layer, &serde_json::to_value(&values)?, req.epoch);
@@ -103,6 +117,7 @@ pub fn build(req: &BuildRequest, progress: &mut Progress) -> Result<BuildReport>
         values: plan.used_public_values(),
         layers,
         images: images::manifest_entries(&plan.images, &embedded),
+        disk: None,
     };
     let bundle_name = format!("{}.bundle.tar", plan.profile.name);
     let manifest_name = format!("{}.manifest.json", plan.profile.name);
@@ -115,6 +130,22 @@ pub fn build(req: &BuildRequest, progress: &mut Progress) -> Result<BuildReport>
         bundle::write(&manifest, |d| cache.blob_path(d), w)?;
         Ok(())
     })?;
+    let mut manifest = manifest;
+    let mut disk_files = Vec::new();
+    if plan.profile.outputs.iter().any(|o| o == disk::KIND) {
+        let mut tree = merged_tree(&plan)?;
+        if !embedded.is_empty() {
+            let images = images::embed::tree(&embedded, &cache)?;
+            render::overlay(&mut tree, &mut BTreeMap::new(), &images, images::LAYER)?;
+        }
+        let disk = disk::build(&req.project, &plan, &tree, &cache, req.epoch, progress)?;
+        for (path, ext) in [(&disk.raw, "raw"), (&disk.qcow2, "qcow2")] {
+            let name = format!("{}.{ext}", plan.profile.name);
+            let digest = out.stage_file(&name, path)?;
+            disk_files.push((out.path_of(&name), digest));
+        }
+        manifest.disk = Some(disk.info.clone());
+    }
     out.stage(&manifest_name, |w| {
         Ok(w.write_all(&manifest.to_canonical_json())?)
     })?;
@@ -125,6 +156,10 @@ pub fn build(req: &BuildRequest, progress: &mut Progress) -> Result<BuildReport>
         bundle_digest,
         manifest: out.path_of(&manifest_name),
         layers: reports,
+        disk_images: disk_files
+            .into_iter()
+            .map(|(path, digest)| DiskImageReport { path, digest })
+            .collect(),
     };
     out.commit()?;
     progress.note(&format!(
@@ -262,12 +297,18 @@ pub fn render_to_dir(req: &BuildRequest, progress: &mut Progress) -> Result<usiz
 }
 
 /// Writes a tree to disk with its modes; owners too when running as root.
-fn write_tree(tree: &Tree, root: &Path) -> Result<()> {
+/// A file or link already at a path (the disk image's base) is replaced,
+/// never written through.
+pub(crate) fn write_tree(tree: &Tree, root: &Path) -> Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let as_root = rustix::process::geteuid().is_root();
     let mut dirs = Vec::new();
     for (path, entry) in tree.iter() {
         let dest = root.join(std::ffi::OsStr::from_bytes(path));
+        let existing = fs::symlink_metadata(&dest).ok();
+        if existing.is_some_and(|m| !m.is_dir()) && !matches!(entry.node, Node::Dir) {
+            fs::remove_file(&dest).with_context(|| format!("replacing {}", dest.display()))?;
+        }
         match &entry.node {
             Node::Dir => {
                 fs::create_dir_all(&dest)?;

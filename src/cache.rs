@@ -109,6 +109,35 @@ impl Cache {
             .context("creating a directory in the cache")
     }
 
+    /// A directory tree cached under `<cache>/<group>/<key>` (a Debian root):
+    /// built once by `build` into a fresh directory, then renamed into place,
+    /// so a half-built tree is never used. A concurrent build of the same key
+    /// loses the rename and uses the winner's tree.
+    pub fn dir_or_build(
+        &self,
+        group: &str,
+        key: &Digest,
+        build: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<PathBuf> {
+        let parent = self.root.join(group);
+        let dir = parent.join(key.hex());
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+        fs::create_dir_all(&parent)
+            .with_context(|| format!("creating cache directory {}", parent.display()))?;
+        let tmp = self.temp_dir(&format!("{group}-"))?;
+        build(tmp.path())?;
+        match fs::rename(tmp.path(), &dir) {
+            Ok(()) => {
+                let _ = tmp.keep();
+                Ok(dir)
+            }
+            Err(_) if dir.is_dir() => Ok(dir),
+            Err(e) => Err(e).with_context(|| format!("moving a built tree to {}", dir.display())),
+        }
+    }
+
     /// Whether an intact blob of this digest and size is stored (re-hashed).
     pub fn has_blob(&self, digest: &Digest, size: u64) -> Result<bool> {
         let Ok(file) = File::open(self.blob_path(digest)) else {

@@ -1,12 +1,15 @@
 pub mod build;
 pub mod bundle;
 pub mod cache;
+pub mod debian;
 pub mod digest;
+pub mod disk;
 pub mod epoch;
 pub mod error;
 pub mod images;
 pub mod inspect;
 pub mod jsondoc;
+pub mod kind;
 pub mod layer;
 pub mod manifest;
 pub mod names;

@@ -43,6 +43,10 @@ struct Site {
     /// Read site values from a TOML file (--set wins over it)
     #[arg(long, value_name = "FILE")]
     site: Option<PathBuf>,
+    /// Build only this output of the profile (repeatable; e.g. `bundle`
+    /// without the disk image) [default: all the profile's outputs]
+    #[arg(long = "output", value_name = "KIND")]
+    outputs: Vec<String>,
 }
 
 impl Site {
@@ -50,13 +54,14 @@ impl Site {
         SiteInput {
             site_file: self.site.clone(),
             sets: self.sets.clone(),
+            outputs: self.outputs.clone(),
         }
     }
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Build a profile's outputs (the bundle, its manifest, SHA256SUMS)
+    /// Build a profile's outputs (bundle, disk images, manifest, SHA256SUMS)
     Build {
         #[command(flatten)]
         site: Site,
@@ -190,6 +195,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print_json(&report)?;
             } else {
                 print(&format!("{}\n", report.bundle.display()))?;
+                for image in &report.disk_images {
+                    print(&format!("{}\n", image.path.display()))?;
+                }
             }
         }
         Command::Render {

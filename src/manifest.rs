@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
 use crate::digest::Digest;
+use crate::disk::DiskInfo;
 
 /// 2: `images` added.
 pub const SCHEMA: u32 = 2;
@@ -23,6 +24,10 @@ pub struct Manifest {
     pub layers: Vec<ManifestLayer>,
     /// Every container image the layers run.
     pub images: Vec<ManifestImage>,
+    /// The disk image's base and partitions (in the output directory's
+    /// manifest of a profile with the `disk` output; not in bundles).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskInfo>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -12,6 +12,7 @@ use serde_json::Value as Json;
 
 use crate::error::{did_you_mean, usage};
 use crate::images::{self, ImageDecl, PlannedImage};
+use crate::kind;
 use crate::layer::Layer;
 use crate::profile::Profile;
 use crate::project::Project;
@@ -23,6 +24,8 @@ pub struct SiteInput {
     pub site_file: Option<PathBuf>,
     /// `name=value` as given to `--set`.
     pub sets: Vec<String>,
+    /// `--output`: build only these of the profile's outputs (all if empty).
+    pub outputs: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -34,6 +37,9 @@ pub struct Plan {
     pub values: Values,
     /// The container images the layers need, by name, with their sources.
     pub images: Vec<PlannedImage>,
+    /// Layers that an output kind adds (`images/<kind>.toml` `layers`), with
+    /// that kind: they go into its artifact only, never into the bundle.
+    pub kind_layers: BTreeMap<String, String>,
 }
 
 impl Plan {
@@ -76,7 +82,19 @@ impl Plan {
 }
 
 pub fn plan(project: &Project, profile_name: &str, input: &SiteInput) -> Result<Plan> {
-    let profile = Profile::load(project, profile_name)?;
+    let mut profile = Profile::load(project, profile_name)?;
+    if !input.outputs.is_empty() {
+        for output in &input.outputs {
+            if !profile.outputs.contains(output) {
+                return Err(usage(format!(
+                    "--output {output}: profile {} makes {}; choose among them",
+                    profile.name,
+                    profile.outputs.join(", ")
+                )));
+            }
+        }
+        profile.outputs.retain(|o| input.outputs.contains(o));
+    }
     let known_layers = project.layer_names()?;
     let mut candidates = Vec::new();
     for name in &profile.layers {
@@ -90,6 +108,26 @@ pub fn plan(project: &Project, profile_name: &str, input: &SiteInput) -> Result<
             ));
         }
         candidates.push(Layer::load(&project.layers_dir(), name)?);
+    }
+    let mut kind_layers = BTreeMap::new();
+    for output in &profile.outputs {
+        for name in kind::load(project, output)?.layers {
+            if !known_layers.contains(&name) {
+                return Err(anyhow!(
+                    "images/{output}.toml adds layer {name:?}, which does not exist in {}",
+                    project.layers_dir().display()
+                ));
+            }
+            if profile.layers.contains(&name) || kind_layers.contains_key(&name) {
+                return Err(anyhow!(
+                    "layer {name:?} is added by images/{output}.toml and must not also be listed \
+                     by profile {} or another output",
+                    profile.name
+                ));
+            }
+            candidates.push(Layer::load(&project.layers_dir(), &name)?);
+            kind_layers.insert(name, output.clone());
+        }
     }
 
     let decls = images::collect_decls(&candidates)?;
@@ -124,6 +162,7 @@ pub fn plan(project: &Project, profile_name: &str, input: &SiteInput) -> Result<
         specs,
         values,
         images,
+        kind_layers,
     })
 }
 

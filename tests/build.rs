@@ -46,6 +46,8 @@ fn two_clones_give_the_same_bundle_and_another_epoch_a_different_one() {
         "build",
         "--profile",
         "vps",
+        "--output",
+        "bundle",
         "--set",
         "server_name=chat.example.net",
     ];

@@ -13,7 +13,6 @@
 use std::fs;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{anyhow, bail, Context, Result};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
@@ -23,14 +22,13 @@ use super::chroot::{self, Bind};
 use super::recipe::{Recipe, SUITE};
 use super::{BlobRef, StoredImage};
 use crate::cache::Cache;
+use crate::debian::{self, mirror};
 use crate::digest::Digest;
 use crate::layer::SourceNode;
 use crate::oci::{self, LayerBlob};
 use crate::pack::{self, Packed};
 use crate::progress::Progress;
 use crate::tree::{Content, Entry, Node, Tree};
-
-pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
 
 /// The build host's CA bundle (Debian's path), given to pip for downloads.
 const HOST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
@@ -72,15 +70,6 @@ const ALWAYS_REMOVED: &[&str] = &[
     "etc/resolv.conf",
 ];
 
-/// The mirror: $BUILDER_DEBIAN_MIRROR (e.g. a snapshot.debian.org URL for
-/// builds that must repeat years later), else deb.debian.org.
-pub fn mirror() -> String {
-    std::env::var("BUILDER_DEBIAN_MIRROR")
-        .ok()
-        .filter(|m| !m.is_empty())
-        .unwrap_or_else(|| DEFAULT_MIRROR.to_string())
-}
-
 /// Builds (or finds in the cache) the image of `recipe`.
 pub fn build(
     recipe: &Recipe,
@@ -99,7 +88,7 @@ pub fn build(
             recipe.def.base.packages.join(", ")
         ));
         let dir = cache.temp_dir("root-")?;
-        debootstrap(recipe, &mirror, epoch, cache, dir.path())?;
+        debootstrap(recipe, epoch, cache, dir.path())?;
         let tree = base_tree(recipe, dir.path())?;
         // Kept for the application step; the tree's files are read from it.
         root = Some(dir);
@@ -209,86 +198,26 @@ fn run_config(recipe: &Recipe) -> Json {
     Json::Object(run)
 }
 
-/// mmdebstrap into `dir/`, .debs kept in the cache between builds.
-fn debootstrap(recipe: &Recipe, mirror: &str, epoch: u64, cache: &Cache, dir: &Path) -> Result<()> {
-    if Command::new("mmdebstrap")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        bail!(
-            "building the local image {} needs mmdebstrap, which is not installed; install it \
-             (Debian/Ubuntu: apt install mmdebstrap) or choose another image source",
-            recipe.name
-        );
-    }
-    let debs = cache.root().join("debs");
-    fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
+/// mmdebstrap into `dir/root`, with the recipe's users and preseeded files.
+fn debootstrap(recipe: &Recipe, epoch: u64, cache: &Cache, dir: &Path) -> Result<()> {
     let hook = dir.join("essential-hook.sh");
     fs::write(&hook, essential_hook(recipe))?;
-    let target = dir.join("root");
-    // .debs come in from the shared cache and go out to this build's own
-    // directory, then into the cache one by one with a rename: a concurrent
-    // build never sees half a file.
-    let debs_out = dir.join("debs-out");
-    fs::create_dir_all(&debs_out)?;
-    let utf8 = |p: &Path| -> Result<String> {
-        Ok(chroot::quote(
-            p.to_str().context("the cache path must be UTF-8")?,
-        ))
-    };
-    let (debs_q, debs_out_q) = (utf8(&debs)?, utf8(&debs_out)?);
-    let mut cmd = Command::new("mmdebstrap");
-    cmd.args([
-        "--variant=essential",
-        "--mode=root",
-        "--format=directory",
-        "--quiet",
-    ])
-    .arg(format!("--include={}", recipe.def.base.packages.join(",")))
-    .arg("--skip=essential/unlink")
-    .arg("--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/")
-    .arg(format!(
-        "--setup-hook=sync-in {debs_q} /var/cache/apt/archives/"
-    ))
-    .arg(format!(
-        "--essential-hook=sh {} \"$1\"",
-        chroot::quote(hook.to_str().unwrap_or_default())
-    ))
-    .arg(format!(
-        "--customize-hook=sync-out /var/cache/apt/archives {debs_out_q}"
-    ))
-    .arg(SUITE)
-    .arg(&target)
-    .arg(mirror)
-    .env("SOURCE_DATE_EPOCH", epoch.to_string())
-    .env("PYTHONHASHSEED", "0");
-    let out = cmd.output().context("running mmdebstrap")?;
-    if !out.status.success() {
-        let text = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = text
-            .lines()
-            .rev()
-            .take(20)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        bail!(
-            "mmdebstrap could not build the base of image {} (a package not in Debian {SUITE}, \
-             or the mirror {mirror} unreachable?):\n{}",
-            recipe.name,
-            tail.join("\n")
-        );
-    }
-    for entry in fs::read_dir(&debs_out)? {
-        let path = entry?.path();
-        let name = path.file_name().expect("a listed file has a name");
-        if path.extension().is_some_and(|e| e == "deb") && !debs.join(name).exists() {
-            fs::rename(&path, debs.join(name)).context("keeping a .deb in the cache")?;
-        }
-    }
-    Ok(())
+    let what = format!("the base of the local image {}", recipe.name);
+    debian::mmdebstrap(
+        &debian::Bootstrap {
+            what: &what,
+            variant: "essential",
+            packages: &recipe.def.base.packages,
+            hooks: vec![format!(
+                "--essential-hook=sh {} \"$1\"",
+                chroot::quote(hook.to_str().unwrap_or_default())
+            )],
+            target: &dir.join("root"),
+            work: dir,
+            epoch,
+        },
+        cache,
+    )
 }
 
 /// Users (fixed IDs) and preseeded files, before the packages install.

@@ -12,7 +12,7 @@ use crate::layer::{FileAttrs, SourceNode};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-pub const SUITE: &str = "trixie";
+pub use crate::debian::SUITE;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

@@ -5,10 +5,11 @@ mod lock;
 mod synapse;
 mod test;
 mod tools;
+mod vm;
 
 use std::process::ExitCode;
 
-const COMMANDS: &str = "bench, lock-wheels, test, tools";
+const COMMANDS: &str = "bench, lock-wheels, test, tools, vm-test";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -19,6 +20,7 @@ fn main() -> ExitCode {
         Some("lock-wheels") => lock::run(&rest),
         Some("test") => test::run(&rest),
         Some("tools") => tools::run(&rest),
+        Some("vm-test") => vm::run(&rest),
         Some(other) => {
             eprintln!("xtask: unknown command `{other}` (known: {COMMANDS})");
             return ExitCode::from(2);

@@ -44,6 +44,10 @@ const PACKAGES: &[&str] = &[
     "busybox",
     // the ACME client the nginx layer runs (its image's program), for ACME tests
     "lego",
+    // the VM test: qemu with UEFI (OVMF) and legacy BIOS (SeaBIOS) firmware
+    "qemu-system-x86",
+    "ovmf",
+    "seabios",
 ];
 
 /// Run in the finished root (mmdebstrap `--customize-hook`; "$1" is the root).

@@ -1,0 +1,135 @@
+//! Debian roots made with mmdebstrap, for local container images, the disk
+//! image's base and the tools root. Downloaded .debs are kept in the cache
+//! (`<cache>/debs`, apt checks their hashes) so a rebuild needs no network.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::cache::Cache;
+use crate::images::chroot;
+
+/// The Debian release every root is made from.
+pub const SUITE: &str = "trixie";
+
+pub const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
+
+/// The mirror: $BUILDER_DEBIAN_MIRROR (e.g. a snapshot.debian.org URL for
+/// builds that must repeat years later), else deb.debian.org.
+pub fn mirror() -> String {
+    std::env::var("BUILDER_DEBIAN_MIRROR")
+        .ok()
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| DEFAULT_MIRROR.to_string())
+}
+
+/// One mmdebstrap run into `target` (which must not exist yet).
+pub struct Bootstrap<'a> {
+    /// What is being built, for messages ("the local image synapse").
+    pub what: &'a str,
+    /// mmdebstrap's --variant (essential, apt).
+    pub variant: &'a str,
+    pub packages: &'a [String],
+    /// Further mmdebstrap arguments (hooks).
+    pub hooks: Vec<String>,
+    pub target: &'a Path,
+    /// A scratch directory of this build.
+    pub work: &'a Path,
+    pub epoch: u64,
+}
+
+/// Fails with the way to get mmdebstrap where it is missing.
+pub fn require_mmdebstrap(what: &str) -> Result<()> {
+    if Command::new("mmdebstrap")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        bail!(
+            "{what} needs mmdebstrap, which is not installed; install it (Debian/Ubuntu: \
+             apt-get install mmdebstrap)"
+        );
+    }
+    Ok(())
+}
+
+pub fn mmdebstrap(b: &Bootstrap, cache: &Cache) -> Result<()> {
+    require_mmdebstrap(b.what)?;
+    let mirror = mirror();
+    let debs = cache.root().join("debs");
+    fs::create_dir_all(&debs).with_context(|| format!("creating {}", debs.display()))?;
+    // .debs come in from the shared cache and go out to this build's own
+    // directory, then into the cache one by one with a rename: a concurrent
+    // build never sees half a file.
+    let debs_out = b.work.join("debs-out");
+    fs::create_dir_all(&debs_out)?;
+    let utf8 = |p: &Path| -> Result<String> {
+        Ok(chroot::quote(
+            p.to_str().context("the cache path must be UTF-8")?,
+        ))
+    };
+    let (debs_q, debs_out_q) = (utf8(&debs)?, utf8(&debs_out)?);
+    let mut cmd = Command::new("mmdebstrap");
+    cmd.arg(format!("--variant={}", b.variant))
+        .args(["--mode=root", "--format=directory", "--quiet"])
+        .arg(format!("--include={}", b.packages.join(",")))
+        .arg("--skip=essential/unlink")
+        .arg("--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/")
+        .arg(format!(
+            "--setup-hook=sync-in {debs_q} /var/cache/apt/archives/"
+        ))
+        .args(&b.hooks)
+        .arg(format!(
+            "--customize-hook=sync-out /var/cache/apt/archives {debs_out_q}"
+        ))
+        .arg(SUITE)
+        .arg(b.target)
+        .arg(&mirror)
+        .env("SOURCE_DATE_EPOCH", b.epoch.to_string())
+        .env("PYTHONHASHSEED", "0");
+    let out = cmd.output().context("running mmdebstrap")?;
+    if !out.status.success() {
+        let text = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = text.lines().rev().take(20).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!(
+            "mmdebstrap could not build {} (a package not in Debian {SUITE}, or the mirror \
+             {mirror} unreachable?):\n{}",
+            b.what,
+            tail.join("\n")
+        );
+    }
+    for entry in fs::read_dir(&debs_out)? {
+        let path = entry?.path();
+        let name = path.file_name().expect("a listed file has a name");
+        if path.extension().is_some_and(|e| e == "deb") && !debs.join(name).exists() {
+            fs::rename(&path, debs.join(name)).context("keeping a .deb in the cache")?;
+        }
+    }
+    Ok(())
+}
+
+/// `package version` lines of what is installed in `root`, sorted.
+pub fn installed_packages(root: &Path) -> Result<Vec<(String, String)>> {
+    let out = Command::new("chroot")
+        .arg(root)
+        .args(["dpkg-query", "-W", "-f", "${Package} ${Version}\\n"])
+        .output()
+        .context("listing installed packages (chroot dpkg-query)")?;
+    if !out.status.success() {
+        bail!(
+            "dpkg-query in {} failed: {}",
+            root.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let mut packages: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(p, v)| (p.to_string(), v.to_string()))
+        .collect();
+    packages.sort();
+    Ok(packages)
+}

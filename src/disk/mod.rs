@@ -1,0 +1,109 @@
+//! The `disk` output: a bootable disk image (raw and qcow2) of the
+//! appliance. A Debian trixie base (cached by its package set and epoch),
+//! the profile's layers and the disk-only layers laid over it, then
+//! partitioned by systemd-repart from a trixie tools root:
+//!
+//! | # | partition | content |
+//! |---|---|---|
+//! | 1 | ESP (vfat) | systemd-boot, GRUB's config, the kernel and initramfs |
+//! | 2 | BIOS boot | GRUB's core image (legacy BIOS) |
+//! | 3 | root (erofs) | the read-only OS and appliance |
+//! | 4 | var (ext4) | all state; grown to fill the disk on first boot |
+//!
+//! UEFI firmware starts systemd-boot, BIOS starts GRUB from the MBR; both
+//! read the same kernel and initramfs from the ESP with the same command
+//! line. Every step runs with SOURCE_DATE_EPOCH and a seed derived from the
+//! profile, so the same inputs give byte-identical images.
+
+mod assemble;
+mod base;
+mod partition;
+pub mod spec;
+mod tools;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+use crate::cache::Cache;
+use crate::images::chroot;
+use crate::plan::Plan;
+use crate::progress::Progress;
+use crate::project::Project;
+use crate::tree::Tree;
+
+pub const KIND: &str = "disk";
+
+/// What the manifest records about the disk image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskInfo {
+    /// Debian release of the base.
+    pub suite: String,
+    pub kernel: String,
+    pub kernel_cmdline: String,
+    /// Every installed Debian package with its version.
+    pub packages: BTreeMap<String, String>,
+    pub partitions: Vec<PartitionInfo>,
+    /// Apparent size of the raw image in bytes.
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartitionInfo {
+    pub label: String,
+    pub filesystem: Option<String>,
+    pub size: u64,
+}
+
+/// The finished images, in a scratch directory of the cache until the
+/// caller stages them into `--out`.
+pub struct DiskImages {
+    pub raw: PathBuf,
+    pub qcow2: PathBuf,
+    pub info: DiskInfo,
+    _scratch: tempfile::TempDir,
+}
+
+/// Builds the disk image of `plan` from the merged tree of its layers
+/// (embedded images included).
+pub fn build(
+    project: &Project,
+    plan: &Plan,
+    merged: &Tree,
+    cache: &Cache,
+    epoch: u64,
+    progress: &mut Progress,
+) -> Result<DiskImages> {
+    let spec = spec::load(project)?;
+    chroot::require_root("building a disk image")?;
+    let tools = tools::ensure(cache, epoch, progress)?;
+    let base = base::ensure(&spec, cache, epoch, progress)?;
+
+    let scratch = cache.temp_dir("disk-")?;
+    progress.note("disk: assembling the root file system");
+    let staged = assemble::stage(&spec, &base, &tools, merged, scratch.path(), epoch)?;
+    progress.note("disk: partitioning (systemd-repart) and installing boot loaders");
+    let seed = partition::seed(&plan.profile.name);
+    let partitions = partition::make(&spec, &tools, scratch.path(), &seed, epoch)?;
+    let raw = scratch.path().join("disk.raw");
+    let qcow2 = scratch.path().join("disk.qcow2");
+    partition::to_qcow2(&tools, scratch.path())?;
+    let size = std::fs::metadata(&raw)?.len();
+    Ok(DiskImages {
+        raw,
+        qcow2,
+        info: DiskInfo {
+            suite: crate::debian::SUITE.to_string(),
+            kernel: staged.kernel,
+            kernel_cmdline: staged.cmdline,
+            packages: base.packages.clone(),
+            partitions,
+            size,
+        },
+        _scratch: scratch,
+    })
+}

@@ -1,0 +1,238 @@
+//! Partitioning: systemd-repart (offline, from the tools root) writes the
+//! GPT image from the staged trees, GRUB's BIOS installer puts its boot
+//! code in the MBR and its core image in the BIOS boot partition, and
+//! qemu-img converts the raw image to qcow2.
+
+use std::fs;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use sha2::{Digest as _, Sha256};
+
+use super::spec::DiskSpec;
+use super::tools::Tools;
+use super::PartitionInfo;
+use crate::images::chroot::{self, Bind};
+
+/// GPT type of a BIOS boot partition (GRUB's core image lives there).
+const BIOS_BOOT: &str = "21686148-6449-6e6f-744e-656564454649";
+
+/// GRUB modules in the core image: enough to find the ESP (partition 1) on
+/// a GPT disk and boot Linux from it.
+const GRUB_MODULES: &[&str] = &[
+    "biosdisk",
+    "part_gpt",
+    "fat",
+    "normal",
+    "linux",
+    "configfile",
+    "search",
+    "echo",
+    "test",
+];
+
+/// repart's seed: partition and file system UUIDs derive from it. Fixed
+/// per profile, so rebuilding gives the same bytes and a newer image's
+/// partitions have the same identities as the one it replaces.
+pub fn seed(profile: &str) -> String {
+    uuid_from(&format!("matrix-appliance disk image {profile}"))
+}
+
+/// A version 4 UUID made from the hash of `text`.
+fn uuid_from(text: &str) -> String {
+    let h = Sha256::digest(text.as_bytes());
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&h[..16]);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+/// The repart definitions, in partition order.
+fn definitions(spec: &DiskSpec) -> Result<Vec<(String, String, PartitionInfo)>> {
+    let sizes = &spec.partitions;
+    let fixed = |bytes: u64| format!("SizeMinBytes={bytes}\nSizeMaxBytes={bytes}\n");
+    let part = |label: &str, fs: Option<&str>, size: u64| PartitionInfo {
+        label: label.to_string(),
+        filesystem: fs.map(str::to_string),
+        size,
+    };
+    Ok(vec![
+        (
+            "10-esp.conf".into(),
+            format!(
+                "[Partition]\nType=esp\nLabel=esp\nFormat=vfat\nCopyFiles=/esp:/\n{}",
+                fixed(sizes.esp_bytes()?)
+            ),
+            part("esp", Some("vfat"), sizes.esp_bytes()?),
+        ),
+        (
+            "20-bios.conf".into(),
+            format!(
+                "[Partition]\nType={BIOS_BOOT}\nLabel=bios\n{}",
+                fixed(1 << 20)
+            ),
+            part("bios", None, 1 << 20),
+        ),
+        (
+            "30-root.conf".into(),
+            format!(
+                "[Partition]\nType=root\nLabel=root\nFormat=erofs\nCopyFiles=/root:/\n\
+                 Compression=lz4hc\n{}",
+                fixed(sizes.root_bytes()?)
+            ),
+            part("root", Some("erofs"), sizes.root_bytes()?),
+        ),
+        (
+            "40-var.conf".into(),
+            format!(
+                "[Partition]\nType=linux-generic\nLabel=var\nFormat=ext4\n{}",
+                fixed(sizes.var_bytes()?)
+            ),
+            part("var", Some("ext4"), sizes.var_bytes()?),
+        ),
+    ])
+}
+
+/// Writes `scratch/disk.raw` from `scratch/root` and `scratch/esp`.
+pub fn make(
+    spec: &DiskSpec,
+    tools: &Tools,
+    scratch: &Path,
+    seed: &str,
+    epoch: u64,
+) -> Result<Vec<PartitionInfo>> {
+    let defs = scratch.join("repart.d");
+    fs::create_dir_all(&defs)?;
+    let mut infos = Vec::new();
+    for (name, text, info) in definitions(spec)? {
+        fs::write(defs.join(name), text)?;
+        infos.push(info);
+    }
+    // repart leaves ext4's directory hash seed random; mke2fs takes one.
+    let ext4_options = format!(
+        "-E hash_seed={}",
+        uuid_from(&format!("{seed} ext4 hash_seed"))
+    );
+    let epoch = epoch.to_string();
+    let work = [Bind {
+        host: scratch,
+        inside: "/work",
+    }];
+    let env = [
+        ("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        ("SOURCE_DATE_EPOCH", epoch.as_str()),
+        ("SYSTEMD_LOG_LEVEL", "notice"),
+        ("SYSTEMD_REPART_MKFS_OPTIONS_EXT4", ext4_options.as_str()),
+    ];
+    let seed_arg = format!("--seed={seed}");
+    let repart = chroot::command(
+        &tools.root,
+        &work,
+        &env,
+        &[
+            "systemd-repart",
+            "--empty=create",
+            "--size=auto",
+            "--dry-run=no",
+            "--offline=yes",
+            &seed_arg,
+            "--definitions=/work/repart.d",
+            "--copy-source=/work",
+            "/work/disk.raw",
+        ],
+    )?;
+    chroot::run(repart, "systemd-repart (writing the disk image)")?;
+    install_grub(tools, scratch)?;
+    Ok(infos)
+}
+
+/// GRUB for legacy BIOS: a core image that reads grub/grub.cfg from the
+/// ESP, embedded in the BIOS boot partition, and boot code in the MBR.
+fn install_grub(tools: &Tools, scratch: &Path) -> Result<()> {
+    let grub = scratch.join("grub-pc");
+    fs::create_dir_all(&grub)?;
+    fs::copy(
+        tools.root.join("usr/lib/grub/i386-pc/boot.img"),
+        grub.join("boot.img"),
+    )
+    .context("GRUB's boot.img is missing from the tools root")?;
+    fs::write(grub.join("device.map"), "(hd0) /work/disk.raw\n")?;
+    let t = chroot::quote(
+        tools
+            .root
+            .to_str()
+            .context("the cache path must be UTF-8")?,
+    );
+    let s = chroot::quote(scratch.to_str().context("the cache path must be UTF-8")?);
+    // grub-bios-setup insists on finding the device its directory is on in
+    // /proc/self/mountinfo: a private /proc says it is the image file.
+    let script = format!(
+        "set -e\n\
+         mount --rbind /dev {t}/dev\n\
+         mkdir -p {t}/work\n\
+         mount --bind {s} {t}/work\n\
+         mount -t tmpfs tmpfs {t}/proc\n\
+         mkdir {t}/proc/self\n\
+         echo '1 0 1:1 / / - fat /work/disk.raw' > {t}/proc/self/mountinfo\n\
+         chroot {t} grub-mkimage -O i386-pc -d /usr/lib/grub/i386-pc -o /work/grub-pc/core.img \
+           -p '(hd0,gpt1)/grub' {modules}\n\
+         chroot {t} /usr/lib/grub/i386-pc/grub-bios-setup -d /work/grub-pc \
+           -m /work/grub-pc/device.map /work/disk.raw\n",
+        modules = GRUB_MODULES.join(" ")
+    );
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "--fork", "sh", "-c"])
+        .arg(script);
+    chroot::run(cmd, "installing GRUB for BIOS boot")
+}
+
+/// `scratch/disk.qcow2` from `scratch/disk.raw` (compressed clusters).
+pub fn to_qcow2(tools: &Tools, scratch: &Path) -> Result<()> {
+    let cmd = chroot::command(
+        &tools.root,
+        &[Bind {
+            host: scratch,
+            inside: "/work",
+        }],
+        &[("PATH", "/usr/bin:/bin")],
+        &[
+            "qemu-img",
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-c",
+            "/work/disk.raw",
+            "/work/disk.qcow2",
+        ],
+    )?;
+    chroot::run(cmd, "qemu-img convert (qcow2)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_is_a_v4_uuid_fixed_per_profile() {
+        let a = seed("vps");
+        assert_eq!(a, seed("vps"));
+        assert_ne!(a, seed("vps-offline"));
+        let parts: Vec<&str> = a.split('-').collect();
+        assert_eq!(
+            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12]
+        );
+        assert!(parts[2].starts_with('4'));
+    }
+}

@@ -1,0 +1,72 @@
+//! The tools root: a Debian trixie tree with the programs that make the
+//! disk image (systemd-repart, mkfs.*, GRUB's BIOS installer,
+//! systemd-boot, qemu-img), so the host needs only mmdebstrap: its own
+//! systemd may be too old to partition offline. Cached by package set.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+
+use crate::cache::{Cache, Key};
+use crate::debian::{self, SUITE};
+use crate::progress::Progress;
+
+/// Bump when something not listed below changes what the root holds.
+const VERSION: &str = "1";
+
+const PACKAGES: &[&str] = &[
+    "systemd",
+    "systemd-repart",
+    "systemd-boot-efi",
+    "grub-pc-bin",
+    "grub2-common",
+    "dosfstools",
+    "mtools",
+    "e2fsprogs",
+    "erofs-utils",
+    "fdisk",
+    "qemu-utils",
+];
+
+pub struct Tools {
+    pub root: PathBuf,
+}
+
+impl Tools {
+    /// systemd-boot's UEFI program, as the firmware's default loader.
+    pub fn systemd_boot(&self) -> PathBuf {
+        self.root
+            .join("usr/lib/systemd/boot/efi/systemd-bootx64.efi")
+    }
+}
+
+pub fn ensure(cache: &Cache, epoch: u64, progress: &mut Progress) -> Result<Tools> {
+    let mirror = debian::mirror();
+    let mut key = Key::new("builder disk tools", 0);
+    key.add(VERSION.as_bytes())
+        .add(SUITE.as_bytes())
+        .add(mirror.as_bytes())
+        .add(PACKAGES.join(" ").as_bytes());
+    let dir = cache.dir_or_build("disk-tools", &key.finish(), |dir: &Path| {
+        progress.note(&format!(
+            "disk: making the {SUITE} tools root ({}) with mmdebstrap",
+            PACKAGES.join(", ")
+        ));
+        let packages: Vec<String> = PACKAGES.iter().map(|p| p.to_string()).collect();
+        debian::mmdebstrap(
+            &debian::Bootstrap {
+                what: "the disk image's tools root",
+                variant: "apt",
+                packages: &packages,
+                hooks: Vec::new(),
+                target: &dir.join("root"),
+                work: dir,
+                epoch,
+            },
+            cache,
+        )
+    })?;
+    Ok(Tools {
+        root: dir.join("root"),
+    })
+}

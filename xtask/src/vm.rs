@@ -1,0 +1,508 @@
+//! `cargo xtask vm-test`: the disk image really boots and serves Matrix.
+//!
+//! Builds `vps-offline` (every container image embedded, internal CA) with a
+//! fresh SSH key, boots its qcow2 under qemu with no route anywhere (user
+//! networking with `restrict=on`; only loopback ports forwarded to the VM's
+//! 22 and 443), first with UEFI firmware (OVMF), then - the same disk, so
+//! this is also the reboot - with legacy BIOS (SeaBIOS). Each boot waits
+//! for the appliance's own console line ("matrix-appliance: ready"), then
+//! checks from outside: no failed units, the root read-only, Matrix over
+//! TLS through the proxy, `.well-known`, the admin logging in, creating a
+//! room, sending and reading a message. After the reboot: the same
+//! machine identity, host key and secrets, first boot not repeated, the
+//! message still there. qemu uses KVM when it works, else TCG.
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::{json, Value};
+
+const PROFILE: &str = "vps-offline";
+const SERVER_NAME: &str = "vm-test.example";
+const MATRIX_HOST: &str = "matrix.vm-test.example";
+const READY: &str = "matrix-appliance: ready";
+const NOT_READY: &str = "matrix-appliance: NOT ready";
+/// First boot under TCG loads ~250 MB of images and initialises everything.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+/// The VM's hardware, for the boots and the KVM probe alike.
+const MACHINE: &str = "-machine q35 -cpu max -m 4096 -smp 2";
+
+#[derive(Clone, Copy, PartialEq)]
+enum Firmware {
+    Uefi,
+    Bios,
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    if !args.is_empty() {
+        bail!("usage: cargo xtask vm-test");
+    }
+    let repo = repo();
+    let tools = crate::tools::ensure()?;
+    crate::test::install_debian_packages(&["openssh-client", "curl", "mmdebstrap"])?;
+    let work = repo.join("target/vm-test");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work)?;
+    let key = work.join("id_ed25519");
+    run_ok(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "vm-test", "-f"])
+            .arg(&key),
+        "ssh-keygen",
+    )?;
+    let pubkey = fs::read_to_string(key.with_extension("pub"))?;
+
+    let started = Instant::now();
+    run_ok(
+        Command::new(env!("CARGO"))
+            .current_dir(&repo)
+            .args(["run", "--release", "--locked", "--quiet", "--", "build"])
+            .args(["--profile", PROFILE, "--out"])
+            .arg(work.join("out"))
+            .arg("--cache-dir")
+            .arg(repo.join("target/test-image-cache"))
+            .args(["--set", &format!("server_name={SERVER_NAME}")])
+            .args(["--set", &format!("ssh_authorized_keys={}", pubkey.trim())]),
+        "builder build",
+    )?;
+    eprintln!("vm-test: built the image in {:.0?}", started.elapsed());
+    let image = work.join(format!("out/{PROFILE}.qcow2"));
+    ensure!(
+        work.join(format!("out/{PROFILE}.raw")).is_file(),
+        "the build wrote no raw image"
+    );
+
+    let vm = Vm::new(&tools.root, &work, &key)?;
+    vm.create_disk(&image)?;
+
+    // First boot (UEFI).
+    let mut qemu = vm.boot(Firmware::Uefi)?;
+    let first = vm.wait_ready(&mut qemu)?;
+    eprintln!("vm-test: UEFI first boot ready in {:.0?}", first);
+    vm.check_system()?;
+    let before = vm.identity()?;
+    let room = vm.check_matrix(None)?;
+    vm.shutdown(qemu)?;
+
+    // Second boot of the same disk with BIOS firmware: the reboot.
+    let mut qemu = vm.boot(Firmware::Bios)?;
+    let second = vm.wait_ready(&mut qemu)?;
+    eprintln!("vm-test: BIOS boot (reboot) ready in {:.0?}", second);
+    vm.check_system()?;
+    let after = vm.identity()?;
+    ensure!(
+        before == after,
+        "the reboot changed the machine's identity or secrets:\nbefore: {before}\nafter:  {after}"
+    );
+    vm.check_matrix(Some(&room))?;
+    let log = vm.ssh("journalctl -b -o cat -u 'matrix-firstboot-*' | grep -c 'skipped' || true")?;
+    eprintln!(
+        "vm-test: first-boot units on the second boot: {}",
+        log.trim()
+    );
+    vm.shutdown(qemu)?;
+    eprintln!("vm-test: passed ({:.0?} in all)", started.elapsed());
+    Ok(())
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the repo")
+        .to_path_buf()
+}
+
+struct Vm {
+    tools: PathBuf,
+    work: PathBuf,
+    key: PathBuf,
+    ssh_port: u16,
+    https_port: u16,
+}
+
+impl Vm {
+    fn new(tools: &Path, work: &Path, key: &Path) -> Result<Vm> {
+        Ok(Vm {
+            tools: tools.to_path_buf(),
+            work: work.to_path_buf(),
+            key: key.to_path_buf(),
+            ssh_port: free_port()?,
+            https_port: free_port()?,
+        })
+    }
+
+    /// A 20 GiB overlay on the built image (which stays untouched), so
+    /// first boot also has to grow /var into the larger disk.
+    fn create_disk(&self, image: &Path) -> Result<()> {
+        fs::copy(image, self.work.join("image.qcow2"))?;
+        run_ok(
+            Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+                .arg("image.qcow2")
+                .arg(self.work.join("disk.qcow2"))
+                .arg("20G")
+                .current_dir(&self.work),
+            "qemu-img create",
+        )
+    }
+
+    fn boot(&self, firmware: Firmware) -> Result<Child> {
+        let serial = self.work.join("serial.log");
+        let _ = fs::remove_file(&serial);
+        fs::write(&serial, "")?;
+        let firmware_args = match firmware {
+            Firmware::Uefi => {
+                let vars = self.work.join("efivars.fd");
+                if !vars.exists() {
+                    fs::copy(self.tools.join("usr/share/OVMF/OVMF_VARS_4M.fd"), &vars)?;
+                }
+                "-drive if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd \
+                 -drive if=pflash,format=raw,file=/work/efivars.fd"
+            }
+            Firmware::Bios => "",
+        };
+        let accel = if kvm_boots(&self.tools) { "kvm" } else { "tcg" };
+        let qemu = format!(
+            "qemu-system-x86_64 {MACHINE} -accel {accel} \
+             -nographic -no-reboot {firmware_args} \
+             -drive if=virtio,file=/work/disk.qcow2,format=qcow2 \
+             -netdev user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{}-:22,hostfwd=tcp:127.0.0.1:{}-:443 \
+             -device virtio-net-pci,netdev=n0,romfile= \
+             -serial file:/work/serial.log -monitor none -display none",
+            self.ssh_port, self.https_port
+        );
+        eprintln!(
+            "vm-test: booting with {} ({accel})",
+            if firmware == Firmware::Uefi {
+                "UEFI"
+            } else {
+                "BIOS"
+            }
+        );
+        let script = format!(
+            "set -e\nmount -t proc proc {t}/proc\nmount --rbind /dev {t}/dev\nmkdir -p {t}/work\n\
+             mount --bind {w} {t}/work\nexec chroot {t} {qemu}",
+            t = self.tools.display(),
+            w = self.work.display()
+        );
+        Command::new("unshare")
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "--fork",
+                "sh",
+                "-c",
+                &script,
+            ])
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(self.work.join("qemu.log"))?)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting qemu")
+    }
+
+    /// Waits for the appliance's readiness line on the serial console.
+    fn wait_ready(&self, qemu: &mut Child) -> Result<Duration> {
+        let started = Instant::now();
+        let serial = self.work.join("serial.log");
+        loop {
+            let text = fs::read(&serial).unwrap_or_default();
+            let text = String::from_utf8_lossy(&text);
+            if text.contains(READY) {
+                return Ok(started.elapsed());
+            }
+            if text.contains(NOT_READY) {
+                let status = self
+                    .ssh("matrixctl status; systemctl --failed")
+                    .unwrap_or_default();
+                bail!(
+                    "the appliance says it is not ready:\n{status}\nserial log: {}",
+                    serial.display()
+                );
+            }
+            if let Some(status) = qemu.try_wait()? {
+                bail!(
+                    "qemu exited ({status}) before the appliance was ready; serial log: {}",
+                    serial.display()
+                );
+            }
+            if started.elapsed() > BOOT_TIMEOUT {
+                let _ = qemu.kill();
+                bail!(
+                    "no readiness line within {BOOT_TIMEOUT:?}; serial log: {}",
+                    serial.display()
+                );
+            }
+            std::thread::sleep(Duration::from_secs(5));
+        }
+    }
+
+    fn ssh(&self, command: &str) -> Result<String> {
+        let out = Command::new("ssh")
+            .arg("-i")
+            .arg(&self.key)
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "LogLevel=ERROR",
+                "-o",
+                "ConnectTimeout=30",
+                "-o",
+                "BatchMode=yes",
+                "-p",
+                &self.ssh_port.to_string(),
+                "root@127.0.0.1",
+                command,
+            ])
+            .output()
+            .context("running ssh")?;
+        if !out.status.success() {
+            bail!(
+                "ssh {command:?} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Units, mounts and images as the issue asks.
+    fn check_system(&self) -> Result<()> {
+        let failed = self.ssh("systemctl list-units --failed --plain --no-legend")?;
+        ensure!(failed.trim().is_empty(), "failed units:\n{failed}");
+        let root = self.ssh("findmnt -no FSTYPE,OPTIONS /")?;
+        ensure!(
+            root.starts_with("erofs") && root.contains("ro"),
+            "the root is not a read-only erofs: {root}"
+        );
+        let writable = self.ssh("touch /usr/x 2>&1 || echo refused")?;
+        ensure!(writable.contains("refused"), "/usr is writable");
+        let var = self
+            .ssh("findmnt -no SOURCE,FSTYPE /var && lsblk -bno SIZE /dev/disk/by-partlabel/var")?;
+        let size: u64 = var
+            .lines()
+            .last()
+            .unwrap_or("0")
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        ensure!(
+            size > 15 << 30,
+            "/var did not grow to fill the 20G disk: {var}"
+        );
+        let images = self.ssh("podman images --format '{{.Repository}}'")?;
+        ensure!(
+            images
+                .lines()
+                .all(|l| l.starts_with("localhost/matrix-appliance/")),
+            "an image not from the appliance is in Podman's store:\n{images}"
+        );
+        let key_login =
+            self.ssh("grep -c '^PasswordAuthentication no' /etc/ssh/sshd_config.d/appliance.conf")?;
+        ensure!(key_login.trim() == "1", "password login is not off");
+        Ok(())
+    }
+
+    /// What must survive a reboot: machine-id, SSH host key, secrets.
+    fn identity(&self) -> Result<String> {
+        self.ssh(
+            "cat /etc/machine-id; ssh-keygen -lf /var/lib/appliance/ssh/ssh_host_ed25519_key.pub; \
+             cd /var/lib/matrix && find secrets synapse/secrets -type f ! -name matrixctl-token \
+             -exec sha256sum {} + | sort -k2",
+        )
+        .map(|s| s.replace('\n', " | "))
+    }
+
+    /// Matrix through the proxy over TLS, trusting only the appliance's CA.
+    /// Without `room`: the admin creates a room and sends a message; with
+    /// it: the message from the first boot is read back.
+    fn check_matrix(&self, room: Option<&(String, String)>) -> Result<(String, String)> {
+        let ca = self.work.join("ca.crt");
+        fs::write(&ca, self.ssh("cat /var/lib/matrix/proxy/internal-ca.crt")?)?;
+        let versions = self.request("GET", MATRIX_HOST, "/_matrix/client/versions", None, None)?;
+        ensure!(
+            versions["versions"]
+                .as_array()
+                .is_some_and(|v| !v.is_empty()),
+            "/_matrix/client/versions: {versions}"
+        );
+        let server = self.request("GET", SERVER_NAME, "/.well-known/matrix/server", None, None)?;
+        ensure!(
+            server["m.server"] == json!(format!("{MATRIX_HOST}:443")),
+            ".well-known/matrix/server: {server}"
+        );
+        let client = self.request("GET", SERVER_NAME, "/.well-known/matrix/client", None, None)?;
+        ensure!(
+            client["m.homeserver"]["base_url"] == json!(format!("https://{MATRIX_HOST}")),
+            ".well-known/matrix/client: {client}"
+        );
+        let password = self.ssh("cat /var/lib/matrix/secrets/admin-password")?;
+        let login = self.request(
+            "POST",
+            MATRIX_HOST,
+            "/_matrix/client/v3/login",
+            None,
+            Some(json!({"type": "m.login.password",
+                        "identifier": {"type": "m.id.user", "user": "admin"},
+                        "password": password.trim_end_matches('\n')})),
+        )?;
+        let token = login["access_token"]
+            .as_str()
+            .with_context(|| format!("the admin could not log in: {login}"))?
+            .to_string();
+        let (room_id, text) = match room {
+            Some(r) => r.clone(),
+            None => {
+                let created = self.request(
+                    "POST",
+                    MATRIX_HOST,
+                    "/_matrix/client/v3/createRoom",
+                    Some(&token),
+                    Some(json!({"name": "vm-test"})),
+                )?;
+                let room_id = created["room_id"]
+                    .as_str()
+                    .with_context(|| format!("createRoom: {created}"))?
+                    .to_string();
+                let text = format!("hello from the first boot, {}", std::process::id());
+                let sent = self.request(
+                    "PUT",
+                    MATRIX_HOST,
+                    &format!(
+                        "/_matrix/client/v3/rooms/{}/send/m.room.message/vm-test-1",
+                        room_id.replace('!', "%21").replace(':', "%3A")
+                    ),
+                    Some(&token),
+                    Some(json!({"msgtype": "m.text", "body": text})),
+                )?;
+                ensure!(sent["event_id"].is_string(), "send: {sent}");
+                (room_id, text)
+            }
+        };
+        let messages = self.request(
+            "GET",
+            MATRIX_HOST,
+            &format!(
+                "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=20",
+                room_id.replace('!', "%21").replace(':', "%3A")
+            ),
+            Some(&token),
+            None,
+        )?;
+        let found = messages["chunk"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|e| e["content"]["body"] == json!(text)));
+        ensure!(found, "the message is not in the room: {messages}");
+        eprintln!("vm-test: Matrix answers over TLS; the admin's message is in {room_id}");
+        Ok((room_id, text))
+    }
+
+    /// curl over the forwarded port as if DNS pointed `host` at the VM.
+    fn request(
+        &self,
+        method: &str,
+        host: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Result<Value> {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--fail-with-body", "--max-time", "60", "-X", method])
+            .arg("--cacert")
+            .arg(self.work.join("ca.crt"))
+            .args([
+                "--resolve",
+                &format!("{host}:{}:127.0.0.1", self.https_port),
+            ]);
+        if let Some(t) = token {
+            cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+        }
+        if let Some(b) = body {
+            cmd.args([
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                &b.to_string(),
+            ]);
+        }
+        cmd.arg(format!("https://{host}:{}{path}", self.https_port));
+        let out = cmd.output().context("running curl")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success(),
+            "{method} https://{host}{path}: {} {text}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        serde_json::from_str(&text).with_context(|| format!("{method} {path}: not JSON: {text}"))
+    }
+
+    /// A clean shutdown from inside; waits for qemu to exit.
+    fn shutdown(&self, mut qemu: Child) -> Result<()> {
+        let _ = self.ssh("systemctl poweroff --no-block");
+        let started = Instant::now();
+        while qemu.try_wait()?.is_none() {
+            if started.elapsed() > Duration::from_secs(300) {
+                let _ = qemu.kill();
+                bail!("the VM did not power off within 5 minutes");
+            }
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        Ok(())
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// /dev/kvm may exist and still not run guests: a KVM qemu that is still
+/// running after a few seconds can (one that cannot exits at once).
+fn kvm_boots(tools: &Path) -> bool {
+    if std::env::var("BUILDER_VM_ACCEL").is_ok_and(|a| a == "tcg")
+        || !Path::new("/dev/kvm").exists()
+    {
+        return false;
+    }
+    let script = format!(
+        "mount -t proc proc {t}/proc && mount --rbind /dev {t}/dev && exec chroot {t} \
+         qemu-system-x86_64 {MACHINE} -accel kvm -nographic -display none \
+         -no-reboot -serial none -monitor none",
+        t = tools.display()
+    );
+    let Ok(mut child) = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--fork",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        return false;
+    };
+    std::thread::sleep(Duration::from_secs(5));
+    let running = matches!(child.try_wait(), Ok(None));
+    let _ = child.kill();
+    let _ = child.wait();
+    running
+}
+
+fn run_ok(cmd: &mut Command, what: &str) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {what}"))?;
+    ensure!(status.success(), "{what} failed ({status})");
+    Ok(())
+}
