@@ -54,9 +54,15 @@ pub struct DiskInfo {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PartitionInfo {
+    /// GPT partition name (`esp`, `bios`, `root`, `var`).
     pub label: String,
     pub filesystem: Option<String>,
+    /// Byte offset in the disk image (where a newer image's partition is
+    /// written over an installed one).
+    pub offset: u64,
     pub size: u64,
+    /// GPT partition UUID (fixed by the profile's seed).
+    pub uuid: String,
 }
 
 /// The finished images, in a scratch directory of the cache until the

@@ -60,10 +60,13 @@ fn uuid_from(text: &str) -> String {
 fn definitions(spec: &DiskSpec) -> Result<Vec<(String, String, PartitionInfo)>> {
     let sizes = &spec.partitions;
     let fixed = |bytes: u64| format!("SizeMinBytes={bytes}\nSizeMaxBytes={bytes}\n");
+    // Offsets and UUIDs are read back from the written table (`layout`).
     let part = |label: &str, fs: Option<&str>, size: u64| PartitionInfo {
         label: label.to_string(),
         filesystem: fs.map(str::to_string),
+        offset: 0,
         size,
+        uuid: String::new(),
     };
     Ok(vec![
         (
@@ -152,7 +155,38 @@ pub fn make(
     )?;
     chroot::run(repart, "systemd-repart (writing the disk image)")?;
     install_grub(tools, scratch)?;
+    layout(tools, scratch, &mut infos)?;
     Ok(infos)
+}
+
+/// Fills in each partition's offset, size and UUID from the image's GPT
+/// (`sfdisk --json`).
+fn layout(tools: &Tools, scratch: &Path, infos: &mut [PartitionInfo]) -> Result<()> {
+    let cmd = chroot::command(
+        &tools.root,
+        &[Bind {
+            host: scratch,
+            inside: "/work",
+        }],
+        &[("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")],
+        &["sfdisk", "--json", "/work/disk.raw"],
+    )?;
+    let out = chroot::output(cmd, "reading the partition table (sfdisk)")?;
+    let table: serde_json::Value =
+        serde_json::from_slice(&out).context("sfdisk --json printed no JSON")?;
+    let table = &table["partitiontable"];
+    let sector = table["sectorsize"].as_u64().unwrap_or(512);
+    let parts = table["partitions"].as_array().cloned().unwrap_or_default();
+    for info in infos.iter_mut() {
+        let part = parts
+            .iter()
+            .find(|p| p["name"] == serde_json::json!(info.label))
+            .with_context(|| format!("partition {} is not in the written table", info.label))?;
+        info.offset = part["start"].as_u64().unwrap_or(0) * sector;
+        info.size = part["size"].as_u64().unwrap_or(0) * sector;
+        info.uuid = part["uuid"].as_str().unwrap_or_default().to_lowercase();
+    }
+    Ok(())
 }
 
 /// GRUB for legacy BIOS: a core image that reads grub/grub.cfg from the

@@ -56,7 +56,13 @@ pub fn command(
 }
 
 /// Runs the command; on failure the error carries its output's tail.
-pub fn run(mut cmd: Command, what: &str) -> Result<()> {
+pub fn run(cmd: Command, what: &str) -> Result<()> {
+    output(cmd, what).map(|_| ())
+}
+
+/// Runs the command and returns its standard output; on failure the error
+/// carries its standard error's tail.
+pub fn output(mut cmd: Command, what: &str) -> Result<Vec<u8>> {
     let out = cmd
         .output()
         .with_context(|| format!("{what}: cannot run unshare/chroot (util-linux)"))?;
@@ -67,7 +73,7 @@ pub fn run(mut cmd: Command, what: &str) -> Result<()> {
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         bail!("{what} failed ({}):\n{}", out.status, tail.join("\n"));
     }
-    Ok(())
+    Ok(out.stdout)
 }
 
 /// Fails clearly where building roots is impossible.

@@ -1,6 +1,7 @@
 //! Project automation: `cargo xtask <command>`.
 
 mod bench;
+mod bench_disk;
 mod lock;
 mod synapse;
 mod test;
@@ -9,7 +10,7 @@ mod vm;
 
 use std::process::ExitCode;
 
-const COMMANDS: &str = "bench, lock-wheels, test, tools, vm-test";
+const COMMANDS: &str = "bench, bench-disk, lock-wheels, test, tools, vm-test";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -17,6 +18,7 @@ fn main() -> ExitCode {
     let rest: Vec<String> = args.collect();
     let result = match cmd.as_deref() {
         Some("bench") => bench::run(&rest),
+        Some("bench-disk") => bench_disk::run(&rest),
         Some("lock-wheels") => lock::run(&rest),
         Some("test") => test::run(&rest),
         Some("tools") => tools::run(&rest),

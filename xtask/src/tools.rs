@@ -44,6 +44,9 @@ const PACKAGES: &[&str] = &[
     "busybox",
     // the ACME client the nginx layer runs (its image's program), for ACME tests
     "lego",
+    // programs the disk image's own units run (systemd-analyze verify finds them)
+    "openssh-client",
+    "fdisk",
     // the VM test: qemu with UEFI (OVMF) and legacy BIOS (SeaBIOS) firmware
     "qemu-system-x86",
     "ovmf",

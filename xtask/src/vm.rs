@@ -1,16 +1,24 @@
 //! `cargo xtask vm-test`: the disk image really boots and serves Matrix.
 //!
 //! Builds `vps-offline` (every container image embedded, internal CA) with a
-//! fresh SSH key, boots its qcow2 under qemu with no route anywhere (user
-//! networking with `restrict=on`; only loopback ports forwarded to the VM's
-//! 22 and 443), first with UEFI firmware (OVMF), then - the same disk, so
-//! this is also the reboot - with legacy BIOS (SeaBIOS). Each boot waits
-//! for the appliance's own console line ("matrix-appliance: ready"), then
-//! checks from outside: no failed units, the root read-only, Matrix over
-//! TLS through the proxy, `.well-known`, the admin logging in, creating a
-//! room, sending and reading a message. After the reboot: the same
-//! machine identity, host key and secrets, first boot not repeated, the
-//! message still there. qemu uses KVM when it works, else TCG.
+//! fresh SSH key and boots its raw image, on a 20 GiB disk, under qemu with
+//! no route anywhere (user networking with `restrict=on`; only loopback
+//! ports forwarded to the VM's 22 and 443):
+//!
+//! 1. UEFI (OVMF), first boot;
+//! 2. the same disk with legacy BIOS (SeaBIOS): the reboot;
+//! 3. a newer image (another upload limit) written over the ESP, BIOS boot
+//!    and root partitions at the manifest's offsets, booted with UEFI: the
+//!    upgrade.
+//!
+//! Each boot waits for the appliance's own console line ("matrix-appliance:
+//! ready"), then checks from outside: no failed units, the root a read-only
+//! erofs, /var grown to the disk, only embedded images in Podman's store,
+//! Matrix over TLS through the proxy (trusting only the appliance's CA),
+//! `.well-known`, the admin logging in. The first boot creates a room and a
+//! message; later boots read it back and find the same machine ID, SSH host
+//! key and secrets, with no first-boot step run again. qemu uses KVM when a
+//! probe boots with it, else TCG.
 
 use std::fs;
 use std::net::TcpListener;
@@ -57,27 +65,32 @@ pub fn run(args: &[String]) -> Result<()> {
     let pubkey = fs::read_to_string(key.with_extension("pub"))?;
 
     let started = Instant::now();
-    run_ok(
-        Command::new(env!("CARGO"))
-            .current_dir(&repo)
-            .args(["run", "--release", "--locked", "--quiet", "--", "build"])
-            .args(["--profile", PROFILE, "--out"])
-            .arg(work.join("out"))
-            .arg("--cache-dir")
-            .arg(repo.join("target/test-image-cache"))
-            .args(["--set", &format!("server_name={SERVER_NAME}")])
-            .args(["--set", &format!("ssh_authorized_keys={}", pubkey.trim())]),
-        "builder build",
-    )?;
+    let build = |out: &str, extra: &[&str]| -> Result<PathBuf> {
+        let out = work.join(out);
+        run_ok(
+            Command::new(env!("CARGO"))
+                .current_dir(&repo)
+                .args(["run", "--release", "--locked", "--quiet", "--", "build"])
+                .args(["--profile", PROFILE, "--out"])
+                .arg(&out)
+                .arg("--cache-dir")
+                .arg(repo.join("target/test-image-cache"))
+                .args(["--set", &format!("server_name={SERVER_NAME}")])
+                .args(["--set", &format!("ssh_authorized_keys={}", pubkey.trim())])
+                .args(extra),
+            "builder build",
+        )?;
+        ensure!(
+            out.join(format!("{PROFILE}.qcow2")).is_file(),
+            "the build wrote no qcow2 image"
+        );
+        Ok(out)
+    };
+    let first_image = build("out", &[])?;
     eprintln!("vm-test: built the image in {:.0?}", started.elapsed());
-    let image = work.join(format!("out/{PROFILE}.qcow2"));
-    ensure!(
-        work.join(format!("out/{PROFILE}.raw")).is_file(),
-        "the build wrote no raw image"
-    );
 
     let vm = Vm::new(&tools.root, &work, &key)?;
-    vm.create_disk(&image)?;
+    vm.create_disk(&first_image.join(format!("{PROFILE}.raw")))?;
 
     // First boot (UEFI).
     let mut qemu = vm.boot(Firmware::Uefi)?;
@@ -88,21 +101,30 @@ pub fn run(args: &[String]) -> Result<()> {
     let room = vm.check_matrix(None)?;
     vm.shutdown(qemu)?;
 
-    // Second boot of the same disk with BIOS firmware: the reboot.
+    // The same disk with BIOS firmware: the reboot.
     let mut qemu = vm.boot(Firmware::Bios)?;
     let second = vm.wait_ready(&mut qemu)?;
     eprintln!("vm-test: BIOS boot (reboot) ready in {:.0?}", second);
     vm.check_system()?;
-    let after = vm.identity()?;
-    ensure!(
-        before == after,
-        "the reboot changed the machine's identity or secrets:\nbefore: {before}\nafter:  {after}"
-    );
+    vm.check_same_machine(&before)?;
     vm.check_matrix(Some(&room))?;
-    let log = vm.ssh("journalctl -b -o cat -u 'matrix-firstboot-*' | grep -c 'skipped' || true")?;
-    eprintln!(
-        "vm-test: first-boot units on the second boot: {}",
-        log.trim()
+    vm.shutdown(qemu)?;
+
+    // An upgrade: a newer image (another upload limit) written over the ESP,
+    // BIOS boot and root partitions; /var stays.
+    let newer = build("out-newer", &["--set", "max_upload_size=77M"])?;
+    vm.write_os_partitions(&newer, &first_image)?;
+    let mut qemu = vm.boot(Firmware::Uefi)?;
+    let third = vm.wait_ready(&mut qemu)?;
+    eprintln!("vm-test: upgraded image ready in {:.0?}", third);
+    vm.check_system()?;
+    vm.check_same_machine(&before)?;
+    vm.check_matrix(Some(&room))?;
+    let limit =
+        vm.ssh("grep -c 'client_max_body_size 77M' /usr/share/matrix-appliance/proxy/nginx.conf")?;
+    ensure!(
+        limit.trim() != "0",
+        "the upgraded image's nginx config is not in use"
     );
     vm.shutdown(qemu)?;
     eprintln!("vm-test: passed ({:.0?} in all)", started.elapsed());
@@ -135,19 +157,78 @@ impl Vm {
         })
     }
 
-    /// A 20 GiB overlay on the built image (which stays untouched), so
-    /// first boot also has to grow /var into the larger disk.
+    /// The raw image on a 20 GiB disk (a sparse copy), so first boot also
+    /// has to grow /var into the larger disk.
     fn create_disk(&self, image: &Path) -> Result<()> {
-        fs::copy(image, self.work.join("image.qcow2"))?;
+        let disk = self.work.join("disk.raw");
         run_ok(
-            Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-                .arg("image.qcow2")
-                .arg(self.work.join("disk.qcow2"))
-                .arg("20G")
-                .current_dir(&self.work),
-            "qemu-img create",
-        )
+            Command::new("cp")
+                .arg("--sparse=always")
+                .arg(image)
+                .arg(&disk),
+            "cp",
+        )?;
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&disk)?
+            .set_len(20 << 30)?;
+        Ok(())
+    }
+
+    /// Writes the newer image's ESP, BIOS boot and root partitions over the
+    /// disk's, at the offsets both manifests give (they must agree), the
+    /// way an admin upgrades with dd.
+    fn write_os_partitions(&self, newer: &Path, older: &Path) -> Result<()> {
+        let parts = |dir: &Path| -> Result<Vec<(String, u64, u64)>> {
+            let manifest: Value =
+                serde_json::from_slice(&fs::read(dir.join(format!("{PROFILE}.manifest.json")))?)?;
+            Ok(manifest["disk"]["partitions"]
+                .as_array()
+                .context("the manifest lists no partitions")?
+                .iter()
+                .map(|p| {
+                    (
+                        p["label"].as_str().unwrap_or_default().to_string(),
+                        p["offset"].as_u64().unwrap_or(0),
+                        p["size"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect())
+        };
+        let (new_parts, old_parts) = (parts(newer)?, parts(older)?);
+        ensure!(
+            new_parts == old_parts,
+            "the newer image's partitions differ from the installed one's: {new_parts:?} vs {old_parts:?}"
+        );
+        let src = fs::File::open(newer.join(format!("{PROFILE}.raw")))?;
+        let dst = fs::OpenOptions::new()
+            .write(true)
+            .open(self.work.join("disk.raw"))?;
+        for (label, offset, size) in new_parts.iter().filter(|p| p.0 != "var") {
+            copy_range(&src, &dst, *offset, *size)
+                .with_context(|| format!("writing partition {label}"))?;
+        }
+        dst.sync_all()?;
+        Ok(())
+    }
+
+    /// The machine's identity and secrets are what they were, and no
+    /// first-boot step ran again.
+    fn check_same_machine(&self, before: &str) -> Result<()> {
+        let now = self.identity()?;
+        ensure!(
+            before == now,
+            "the machine's identity or secrets changed:\nbefore: {before}\nnow:    {now}"
+        );
+        let ran = self.ssh(
+            "systemctl show -p Id,ConditionResult matrix-firstboot-secrets.service \
+             matrix-firstboot-databases.service matrix-firstboot-admin-user.service",
+        )?;
+        ensure!(
+            !ran.contains("ConditionResult=yes"),
+            "a first-boot step ran again:\n{ran}"
+        );
+        Ok(())
     }
 
     fn boot(&self, firmware: Firmware) -> Result<Child> {
@@ -169,7 +250,7 @@ impl Vm {
         let qemu = format!(
             "qemu-system-x86_64 {MACHINE} -accel {accel} \
              -nographic -no-reboot {firmware_args} \
-             -drive if=virtio,file=/work/disk.qcow2,format=qcow2 \
+             -drive if=virtio,file=/work/disk.raw,format=raw \
              -netdev user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{}-:22,hostfwd=tcp:127.0.0.1:{}-:443 \
              -device virtio-net-pci,netdev=n0,romfile= \
              -serial file:/work/serial.log -monitor none -display none",
@@ -195,6 +276,7 @@ impl Vm {
                 "--propagation",
                 "private",
                 "--fork",
+                "--kill-child",
                 "sh",
                 "-c",
                 &script,
@@ -459,6 +541,39 @@ impl Vm {
     }
 }
 
+/// Copies `size` bytes at `offset` from `src` to `dst`, punching holes
+/// where the source is zero (old data there must not survive).
+fn copy_range(src: &fs::File, dst: &fs::File, offset: u64, size: u64) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0;
+    while done < size {
+        let n = buf.len().min((size - done) as usize);
+        src.read_exact_at(&mut buf[..n], offset + done)?;
+        if buf[..n].iter().all(|b| *b == 0) {
+            // SAFETY: fallocate on a descriptor we own, within the file.
+            let r = unsafe {
+                libc::fallocate(
+                    dst.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    (offset + done) as libc::off_t,
+                    n as libc::off_t,
+                )
+            };
+            ensure!(
+                r == 0,
+                "punching a hole: {}",
+                std::io::Error::last_os_error()
+            );
+        } else {
+            dst.write_all_at(&buf[..n], offset + done)?;
+        }
+        done += n as u64;
+    }
+    Ok(())
+}
+
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -483,6 +598,7 @@ fn kvm_boots(tools: &Path) -> bool {
             "--propagation",
             "private",
             "--fork",
+            "--kill-child",
             "sh",
             "-c",
             &script,
