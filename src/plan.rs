@@ -83,6 +83,9 @@ impl Plan {
 
 pub fn plan(project: &Project, profile_name: &str, input: &SiteInput) -> Result<Plan> {
     let mut profile = Profile::load(project, profile_name)?;
+    // Every output's layers declare values (a site file for the whole profile
+    // stays valid with --output); only the selected outputs' layers are built.
+    let all_outputs = profile.outputs.clone();
     if !input.outputs.is_empty() {
         for output in &input.outputs {
             if !profile.outputs.contains(output) {
@@ -110,7 +113,7 @@ pub fn plan(project: &Project, profile_name: &str, input: &SiteInput) -> Result<
         candidates.push(Layer::load(&project.layers_dir(), name)?);
     }
     let mut kind_layers = BTreeMap::new();
-    for output in &profile.outputs {
+    for output in &all_outputs {
         for name in kind::load(project, output)?.layers {
             if !known_layers.contains(&name) {
                 return Err(anyhow!(
@@ -136,9 +139,11 @@ pub fn plan(project: &Project, profile_name: &str, input: &SiteInput) -> Result<
     let sources = sources(&profile, input)?;
     let values = values::resolve(&specs, &sources)?;
 
+    kind_layers.retain(|_, kind| profile.outputs.contains(kind));
     let layers: Vec<Layer> = candidates
         .into_iter()
         .filter(|l| when_holds(&l.def.when, &specs, &values))
+        .filter(|l| profile.layers.contains(&l.name) || kind_layers.contains_key(&l.name))
         .collect();
     let layers = order(layers, project)?;
 

@@ -488,3 +488,62 @@ fn well_known_documents_are_exported_as_json_made_by_serde() {
         .iter()
         .any(|f| f["path"] == "usr/share/matrix-appliance/well-known/matrix/client"));
 }
+
+#[test]
+fn disk_only_layers_stay_out_of_the_bundle() {
+    let p = Project::copy_of_repo();
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEXAMPLEexampleEXAMPLEexampleEXAMPLEexample admin@laptop";
+    let set_key = format!("ssh_authorized_keys={key}");
+    // The bundle of vps: no os-debian layer, although the value it reads is accepted.
+    let o = p.builder(&["build", "--profile", "vps", "--json", "--set", &set_key]);
+    assert_exit(&o, 0);
+    let layers: Vec<String> = json(&o)["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(layers.contains(&"synapse".to_string()), "{layers:?}");
+    assert!(!layers.contains(&"os-debian".to_string()), "{layers:?}");
+    assert!(!p.out().join("vps.raw").exists());
+    // The disk image's tree has it: fstab, repart definitions, the key.
+    let o = p.builder(&[
+        "render",
+        "--profile",
+        "vps",
+        "--out",
+        "disk-tree",
+        "--set",
+        &set_key,
+    ]);
+    assert_exit(&o, 0);
+    let tree = p.root().join("disk-tree");
+    let fstab = fs::read_to_string(tree.join("etc/fstab")).unwrap();
+    assert!(
+        fstab.lines().any(|l| l
+            .split_whitespace()
+            .take(3)
+            .eq(["PARTLABEL=var", "/var", "ext4"])),
+        "{fstab}"
+    );
+    assert!(tree.join("usr/lib/repart.d/40-var.conf").is_file());
+    let keys =
+        fs::read_to_string(tree.join("usr/share/matrix-appliance/ssh/authorized_keys")).unwrap();
+    assert!(keys.lines().any(|l| l == key), "{keys}");
+    // Rendering only the bundle's tree leaves them out.
+    let o = p.builder(&[
+        "render",
+        "--profile",
+        "vps",
+        "--output",
+        "bundle",
+        "--out",
+        "bundle-tree",
+    ]);
+    assert_exit(&o, 0);
+    assert!(!p.root().join("bundle-tree/etc/fstab").exists());
+    assert!(p
+        .root()
+        .join("bundle-tree/usr/share/matrix-appliance/synapse/homeserver.yaml")
+        .is_file());
+}

@@ -475,3 +475,34 @@ fn usage_errors_from_clap_exit_2() {
     let o = p.builder(&["build", "--no-such-flag"]);
     assert_exit(&o, 2);
 }
+
+#[test]
+fn an_output_the_profile_does_not_make_is_a_usage_error() {
+    let p = fixture();
+    fails(
+        &p,
+        &["--output", "disk"],
+        2,
+        &["--output disk", "makes bundle"],
+    );
+}
+
+#[test]
+fn a_malformed_ssh_key_is_refused() {
+    let p = Project::copy_of_repo();
+    for bad in ["not-a-key", "ssh-ed25519", "ssh-ed25519 AAAA\"; rm -rf /"] {
+        let o = p.builder(&[
+            "build",
+            "--profile",
+            "vps",
+            "--set",
+            &format!("ssh_authorized_keys={bad}"),
+        ]);
+        assert_exit(&o, 2);
+        assert!(
+            stderr(&o).contains("ssh_authorized_keys"),
+            "{bad}: {}",
+            stderr(&o)
+        );
+    }
+}
