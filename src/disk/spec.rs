@@ -99,6 +99,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_projects_disk_kind_loads() {
+        let project =
+            Project::locate(Some(std::path::Path::new(env!("CARGO_MANIFEST_DIR")))).unwrap();
+        let spec = load(&project).unwrap();
+        assert!(spec.base.packages.iter().any(|p| p == "linux-image-amd64"));
+        assert!(spec.base.packages.iter().any(|p| p == "podman"));
+        assert_eq!(spec.layers, ["os-debian"]);
+        assert!(spec.partitions.root_bytes().unwrap() >= 1 << 30);
+    }
+
+    #[test]
     fn sizes_in_mib_and_gib() {
         assert_eq!(bytes("x", "512M").unwrap(), 512 << 20);
         assert_eq!(bytes("x", "3G").unwrap(), 3 << 30);

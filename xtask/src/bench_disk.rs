@@ -4,8 +4,14 @@
 //! layers or images cached; only downloaded .debs and wheels are shared
 //! with the tests' cache, so the mirror's speed is not measured) and warm
 //! (everything cached). Prints wall times and the image sizes: raw
-//! apparent and allocated, qcow2. Boot times are printed by
-//! `cargo xtask vm-test` (first boot and reboot to "ready").
+//! apparent and allocated, qcow2.
+//!
+//! With `--boot`, also boots `vps-offline` (images embedded) under qemu,
+//! three times on one disk: the first boot to "ready", a reboot to "ready"
+//! (images loaded, data present), and the same base with the stack's units
+//! masked (qemu's direct kernel boot of the image's own kernel, initramfs
+//! and command line) to multi-user.target: the bare system's boot time
+//! next to the appliance's (goal: ready within 1.5x).
 //! A benchmark, not a test: nothing here fails on a slow result.
 
 use std::fs;
@@ -16,12 +22,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
+use crate::vm::{Firmware, Vm};
+
 const PROFILE: &str = "vps";
 
 pub fn run(args: &[String]) -> Result<()> {
-    if !args.is_empty() {
-        bail!("usage: cargo xtask bench-disk");
-    }
+    let boot = match args {
+        [] => false,
+        [flag] if flag == "--boot" => true,
+        _ => bail!("usage: cargo xtask bench-disk [--boot]"),
+    };
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the repo")
@@ -55,6 +65,129 @@ pub fn run(args: &[String]) -> Result<()> {
         mib(raw.blocks() * 512)
     );
     println!("  qcow2                {:>8.0} MiB", mib(qcow2.len()));
+    if boot {
+        boot_times(&repo)?;
+    }
+    Ok(())
+}
+
+fn boot_times(repo: &Path) -> Result<()> {
+    let tools = crate::tools::ensure()?;
+    let work = repo.join("target/bench/disk-boot");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work)?;
+    let key = work.join("id_ed25519");
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()?;
+    ensure!(status.success(), "ssh-keygen failed");
+    let pubkey = fs::read_to_string(key.with_extension("pub"))?;
+    let out = work.join("out");
+    let status = Command::new(repo.join("target/release/builder"))
+        .current_dir(repo)
+        .args(["--quiet", "build", "--profile", "vps-offline", "--out"])
+        .arg(&out)
+        .arg("--cache-dir")
+        .arg(repo.join("target/test-image-cache"))
+        .args(["--set", &format!("ssh_authorized_keys={}", pubkey.trim())])
+        .status()?;
+    ensure!(
+        status.success(),
+        "builder build --profile vps-offline failed"
+    );
+    let raw = out.join("vps-offline.raw");
+    extract_kernel(&raw, &out.join("vps-offline.manifest.json"), &work)?;
+
+    let vm = Vm::new(&tools.root, &work, &key)?;
+    vm.create_disk(&raw)?;
+    let mut qemu = vm.boot(Firmware::Uefi)?;
+    let first = vm.wait_ready(&mut qemu)?;
+    vm.shutdown(qemu)?;
+    let mut qemu = vm.boot(Firmware::Uefi)?;
+    let again = vm.wait_ready(&mut qemu)?;
+    let stack =
+        vm.ssh("systemctl list-unit-files --no-legend --plain 'matrix-*' | cut -d' ' -f1")?;
+    vm.shutdown(qemu)?;
+
+    let cmdline = fs::read_to_string(work.join("cmdline"))?;
+    let masks: Vec<String> = stack
+        .split_whitespace()
+        .map(|u| format!("systemd.mask={u}"))
+        .collect();
+    let mut qemu = vm.boot(Firmware::Kernel(format!(
+        "{} {}",
+        cmdline.trim(),
+        masks.join(" ")
+    )))?;
+    let started = Instant::now();
+    let bare = loop {
+        let state = vm
+            .ssh("systemctl is-active multi-user.target")
+            .unwrap_or_default();
+        if state.trim() == "active" {
+            break started.elapsed();
+        }
+        ensure!(
+            qemu.try_wait()?.is_none(),
+            "qemu exited before multi-user.target"
+        );
+        ensure!(
+            started.elapsed() < Duration::from_secs(1800),
+            "no multi-user.target in 30 minutes"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    vm.shutdown(qemu)?;
+    println!("boot of vps-offline under qemu (KVM if it works, else TCG; see above)");
+    println!(
+        "  first boot to ready            {:>8.1} s",
+        first.as_secs_f64()
+    );
+    println!(
+        "  reboot to ready                {:>8.1} s",
+        again.as_secs_f64()
+    );
+    println!(
+        "  same base, stack masked, to multi-user {:>8.1} s",
+        bare.as_secs_f64()
+    );
+    println!(
+        "  reboot to ready / bare multi-user      {:>8.2} (goal 1.5)",
+        again.as_secs_f64() / bare.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The image's own kernel and initramfs (from its ESP) and command line
+/// (from its manifest), into `work/`.
+fn extract_kernel(raw: &Path, manifest: &Path, work: &Path) -> Result<()> {
+    let manifest: serde_json::Value = serde_json::from_slice(&fs::read(manifest)?)?;
+    let disk = &manifest["disk"];
+    let esp = disk["partitions"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["label"] == "esp"))
+        .context("no ESP in the manifest")?;
+    let offset = esp["offset"].as_u64().context("no ESP offset")?;
+    let mnt = work.join("esp");
+    fs::create_dir_all(&mnt)?;
+    let status = Command::new("mount")
+        .arg("-o")
+        .arg(format!("loop,ro,offset={offset}"))
+        .arg(raw)
+        .arg(&mnt)
+        .status()?;
+    ensure!(status.success(), "mounting the image's ESP failed");
+    let copied = fs::copy(mnt.join("vmlinuz"), work.join("vmlinuz"))
+        .and_then(|_| fs::copy(mnt.join("initrd.img"), work.join("initrd.img")));
+    let _ = Command::new("umount").arg(&mnt).status();
+    copied?;
+    fs::write(
+        work.join("cmdline"),
+        disk["kernel_cmdline"]
+            .as_str()
+            .context("no kernel_cmdline")?,
+    )?;
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! `cargo xtask vm-test`: the disk image really boots and serves Matrix.
 //!
 //! Builds `vps-offline` (every container image embedded, internal CA) with a
-//! fresh SSH key and boots its raw image, on a 20 GiB disk, under qemu with
+//! fresh SSH key, twice (the second time with the Debian base made anew:
+//! the raw and qcow2 files must be byte-identical), and boots its raw image, on a 20 GiB disk, under qemu with
 //! no route anywhere (user networking with `restrict=on`; only loopback
 //! ports forwarded to the VM's 22 and 443):
 //!
@@ -39,10 +40,13 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(40 * 60);
 /// The VM's hardware, for the boots and the KVM probe alike.
 const MACHINE: &str = "-machine q35 -cpu max -m 4096 -smp 2";
 
-#[derive(Clone, Copy, PartialEq)]
-enum Firmware {
+#[derive(Clone, PartialEq)]
+pub(crate) enum Firmware {
     Uefi,
     Bios,
+    /// qemu loads `work/vmlinuz` and `work/initrd.img` itself, with this
+    /// command line (the benchmark's bare boot).
+    Kernel(String),
 }
 
 pub fn run(args: &[String]) -> Result<()> {
@@ -88,6 +92,22 @@ pub fn run(args: &[String]) -> Result<()> {
     };
     let first_image = build("out", &[])?;
     eprintln!("vm-test: built the image in {:.0?}", started.elapsed());
+    // Reproducible: the same inputs again, with the Debian base made anew
+    // (mmdebstrap, initramfs), give byte-identical raw and qcow2 files.
+    let cache = repo.join("target/test-image-cache");
+    fs::remove_dir_all(cache.join("disk-base")).context("removing the cached base")?;
+    let again = build("out-again", &[])?;
+    for ext in ["raw", "qcow2"] {
+        let name = format!("{PROFILE}.{ext}");
+        ensure!(
+            sha256(&first_image.join(&name))? == sha256(&again.join(&name))?,
+            "two builds of the same inputs gave different {name} files ({} and {})",
+            first_image.display(),
+            again.display()
+        );
+    }
+    fs::remove_dir_all(&again)?;
+    eprintln!("vm-test: a second build from a new base is byte-identical");
 
     let vm = Vm::new(&tools.root, &work, &key)?;
     vm.create_disk(&first_image.join(format!("{PROFILE}.raw")))?;
@@ -138,7 +158,7 @@ fn repo() -> PathBuf {
         .to_path_buf()
 }
 
-struct Vm {
+pub(crate) struct Vm {
     tools: PathBuf,
     work: PathBuf,
     key: PathBuf,
@@ -147,7 +167,7 @@ struct Vm {
 }
 
 impl Vm {
-    fn new(tools: &Path, work: &Path, key: &Path) -> Result<Vm> {
+    pub(crate) fn new(tools: &Path, work: &Path, key: &Path) -> Result<Vm> {
         Ok(Vm {
             tools: tools.to_path_buf(),
             work: work.to_path_buf(),
@@ -159,7 +179,7 @@ impl Vm {
 
     /// The raw image on a 20 GiB disk (a sparse copy), so first boot also
     /// has to grow /var into the larger disk.
-    fn create_disk(&self, image: &Path) -> Result<()> {
+    pub(crate) fn create_disk(&self, image: &Path) -> Result<()> {
         let disk = self.work.join("disk.raw");
         run_ok(
             Command::new("cp")
@@ -231,11 +251,11 @@ impl Vm {
         Ok(())
     }
 
-    fn boot(&self, firmware: Firmware) -> Result<Child> {
+    pub(crate) fn boot(&self, firmware: Firmware) -> Result<Child> {
         let serial = self.work.join("serial.log");
         let _ = fs::remove_file(&serial);
         fs::write(&serial, "")?;
-        let firmware_args = match firmware {
+        let firmware_args = match &firmware {
             Firmware::Uefi => {
                 let vars = self.work.join("efivars.fd");
                 if !vars.exists() {
@@ -243,8 +263,13 @@ impl Vm {
                 }
                 "-drive if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd \
                  -drive if=pflash,format=raw,file=/work/efivars.fd"
+                    .to_string()
             }
-            Firmware::Bios => "",
+            Firmware::Bios => String::new(),
+            Firmware::Kernel(append) => format!(
+                "-kernel /work/vmlinuz -initrd /work/initrd.img -append '{}'",
+                append.replace('\'', "")
+            ),
         };
         let accel = if kvm_boots(&self.tools) { "kvm" } else { "tcg" };
         let qemu = format!(
@@ -256,14 +281,12 @@ impl Vm {
              -serial file:/work/serial.log -monitor none -display none",
             self.ssh_port, self.https_port
         );
-        eprintln!(
-            "vm-test: booting with {} ({accel})",
-            if firmware == Firmware::Uefi {
-                "UEFI"
-            } else {
-                "BIOS"
-            }
-        );
+        let how = match firmware {
+            Firmware::Uefi => "UEFI",
+            Firmware::Bios => "BIOS",
+            Firmware::Kernel(_) => "qemu's direct kernel boot",
+        };
+        eprintln!("vm: booting with {how} ({accel})");
         let script = format!(
             "set -e\nmount -t proc proc {t}/proc\nmount --rbind /dev {t}/dev\nmkdir -p {t}/work\n\
              mount --bind {w} {t}/work\nexec chroot {t} {qemu}",
@@ -289,13 +312,18 @@ impl Vm {
     }
 
     /// Waits for the appliance's readiness line on the serial console.
-    fn wait_ready(&self, qemu: &mut Child) -> Result<Duration> {
+    pub(crate) fn wait_ready(&self, qemu: &mut Child) -> Result<Duration> {
+        self.wait_for(qemu, READY)
+    }
+
+    /// Waits for `marker` on the serial console; the time since the call.
+    pub(crate) fn wait_for(&self, qemu: &mut Child, marker: &str) -> Result<Duration> {
         let started = Instant::now();
         let serial = self.work.join("serial.log");
         loop {
             let text = fs::read(&serial).unwrap_or_default();
             let text = String::from_utf8_lossy(&text);
-            if text.contains(READY) {
+            if text.contains(marker) {
                 return Ok(started.elapsed());
             }
             if text.contains(NOT_READY) {
@@ -309,14 +337,14 @@ impl Vm {
             }
             if let Some(status) = qemu.try_wait()? {
                 bail!(
-                    "qemu exited ({status}) before the appliance was ready; serial log: {}",
+                    "qemu exited ({status}) before {marker:?} on the console; serial log: {}",
                     serial.display()
                 );
             }
             if started.elapsed() > BOOT_TIMEOUT {
                 let _ = qemu.kill();
                 bail!(
-                    "no readiness line within {BOOT_TIMEOUT:?}; serial log: {}",
+                    "no {marker:?} on the console within {BOOT_TIMEOUT:?}; serial log: {}",
                     serial.display()
                 );
             }
@@ -324,7 +352,7 @@ impl Vm {
         }
     }
 
-    fn ssh(&self, command: &str) -> Result<String> {
+    pub(crate) fn ssh(&self, command: &str) -> Result<String> {
         let out = Command::new("ssh")
             .arg("-i")
             .arg(&self.key)
@@ -527,7 +555,7 @@ impl Vm {
     }
 
     /// A clean shutdown from inside; waits for qemu to exit.
-    fn shutdown(&self, mut qemu: Child) -> Result<()> {
+    pub(crate) fn shutdown(&self, mut qemu: Child) -> Result<()> {
         let _ = self.ssh("systemctl poweroff --no-block");
         let started = Instant::now();
         while qemu.try_wait()?.is_none() {
@@ -572,6 +600,16 @@ fn copy_range(src: &fs::File, dst: &fs::File, offset: u64, size: u64) -> Result<
         done += n as u64;
     }
     Ok(())
+}
+
+fn sha256(path: &Path) -> Result<String> {
+    let out = Command::new("sha256sum").arg(path).output()?;
+    ensure!(out.status.success(), "sha256sum {} failed", path.display());
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
 }
 
 fn free_port() -> Result<u16> {
