@@ -61,6 +61,10 @@ pub struct LayerReport {
 
 pub fn build(req: &BuildRequest, progress: &mut Progress) -> Result<BuildReport> {
     let plan = plan::plan(&req.project, &req.profile, &req.input)?;
+    let makes_disk = plan.profile.outputs.iter().any(|o| o == disk::KIND);
+    if makes_disk {
+        disk::preflight(&req.project)?;
+    }
     let cache = Cache::open(req.cache_dir.clone())?;
 
     progress.start(
@@ -132,7 +136,7 @@ pub fn build(req: &BuildRequest, progress: &mut Progress) -> Result<BuildReport>
     })?;
     let mut manifest = manifest;
     let mut disk_files = Vec::new();
-    if plan.profile.outputs.iter().any(|o| o == disk::KIND) {
+    if makes_disk {
         let mut tree = merged_tree(&plan)?;
         if !embedded.is_empty() {
             let images = images::embed::tree(&embedded, &cache)?;

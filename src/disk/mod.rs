@@ -74,6 +74,17 @@ pub struct DiskImages {
     _scratch: tempfile::TempDir,
 }
 
+/// What a disk build needs before anything else is done: a valid
+/// images/disk.toml, root and mmdebstrap. Fails fast with the fix.
+pub fn preflight(project: &Project) -> Result<()> {
+    spec::load(project)?;
+    chroot::require_root(
+        "building a disk image",
+        "build only the bundle (--output bundle)",
+    )?;
+    crate::debian::require_mmdebstrap("building a disk image")
+}
+
 /// Builds the disk image of `plan` from the merged tree of its layers
 /// (embedded images included).
 pub fn build(
@@ -85,7 +96,10 @@ pub fn build(
     progress: &mut Progress,
 ) -> Result<DiskImages> {
     let spec = spec::load(project)?;
-    chroot::require_root("building a disk image")?;
+    chroot::require_root(
+        "building a disk image",
+        "build only the bundle (--output bundle)",
+    )?;
     let tools = tools::ensure(cache, epoch, progress)?;
     let base = base::ensure(&spec, cache, epoch, progress)?;
 

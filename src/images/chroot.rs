@@ -76,13 +76,11 @@ pub fn output(mut cmd: Command, what: &str) -> Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
-/// Fails clearly where building roots is impossible.
-pub fn require_root(why: &str) -> Result<()> {
+/// Fails clearly where building roots is impossible; `otherwise` says what
+/// the user can do without root.
+pub fn require_root(why: &str, otherwise: &str) -> Result<()> {
     if !rustix::process::geteuid().is_root() {
-        bail!(
-            "{why} needs root (mmdebstrap, mounts and chroot); run the build as root, or choose \
-             another image source (upstream, or archive:PATH)"
-        );
+        bail!("{why} needs root (mmdebstrap, mounts and chroot); run the build as root, or {otherwise}");
     }
     Ok(())
 }

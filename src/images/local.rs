@@ -81,7 +81,10 @@ pub fn build(
     let base_key = recipe.base_key(&mirror, ALWAYS_REMOVED, epoch);
     let mut root: Option<tempfile::TempDir> = None;
     let (base, _) = cache.get_or_pack(&base_key, epoch, || {
-        chroot::require_root(&format!("building the local image {}", recipe.name))?;
+        chroot::require_root(
+            &format!("building the local image {}", recipe.name),
+            "choose another image source (upstream, or archive:PATH)",
+        )?;
         progress.note(&format!(
             "image {}: installing Debian {SUITE} packages ({}) with mmdebstrap",
             recipe.name,
@@ -101,7 +104,10 @@ pub fn build(
             return Ok(stored);
         }
     }
-    chroot::require_root(&format!("building the local image {}", recipe.name))?;
+    chroot::require_root(
+        &format!("building the local image {}", recipe.name),
+        "choose another image source (upstream, or archive:PATH)",
+    )?;
     let root = match root {
         Some(dir) => dir,
         None => unpack_base(cache, &base)?,
