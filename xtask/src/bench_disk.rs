@@ -128,10 +128,7 @@ fn boot_times(repo: &Path) -> Result<()> {
         if state.trim() == "active" {
             break started.elapsed();
         }
-        ensure!(
-            qemu.try_wait()?.is_none(),
-            "qemu exited before multi-user.target"
-        );
+        ensure!(!qemu.exited()?, "qemu exited before multi-user.target");
         ensure!(
             started.elapsed() < Duration::from_secs(1800),
             "no multi-user.target in 30 minutes"

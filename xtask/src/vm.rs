@@ -251,7 +251,7 @@ impl Vm {
         Ok(())
     }
 
-    pub(crate) fn boot(&self, firmware: Firmware) -> Result<Child> {
+    pub(crate) fn boot(&self, firmware: Firmware) -> Result<Qemu> {
         let serial = self.work.join("serial.log");
         let _ = fs::remove_file(&serial);
         fs::write(&serial, "")?;
@@ -308,16 +308,18 @@ impl Vm {
             .stdout(fs::File::create(self.work.join("qemu.log"))?)
             .stderr(Stdio::inherit())
             .spawn()
+            .map(Qemu)
             .context("starting qemu")
     }
 
     /// Waits for the appliance's readiness line on the serial console.
-    pub(crate) fn wait_ready(&self, qemu: &mut Child) -> Result<Duration> {
+    pub(crate) fn wait_ready(&self, qemu: &mut Qemu) -> Result<Duration> {
         self.wait_for(qemu, READY)
     }
 
     /// Waits for `marker` on the serial console; the time since the call.
-    pub(crate) fn wait_for(&self, qemu: &mut Child, marker: &str) -> Result<Duration> {
+    pub(crate) fn wait_for(&self, qemu: &mut Qemu, marker: &str) -> Result<Duration> {
+        let qemu = &mut qemu.0;
         let started = Instant::now();
         let serial = self.work.join("serial.log");
         loop {
@@ -414,6 +416,17 @@ impl Vm {
                 .lines()
                 .all(|l| l.starts_with("localhost/matrix-appliance/")),
             "an image not from the appliance is in Podman's store:\n{images}"
+        );
+        // The proof of "offline": nothing outside the VM is reachable.
+        let outside = self.ssh(
+            "curl -sS --max-time 10 -o /dev/null https://deb.debian.org/ 2>&1 && echo reached || true",
+        )?;
+        ensure!(!outside.contains("reached"), "the VM reached the internet");
+        let ids = self.ssh("cat /etc/machine-id /var/lib/appliance/machine-id")?;
+        let ids: Vec<&str> = ids.lines().collect();
+        ensure!(
+            ids.len() == 2 && ids[0] == ids[1] && ids[0].len() == 32,
+            "/etc/machine-id is not the machine ID kept in /var: {ids:?}"
         );
         let key_login =
             self.ssh("grep -c '^PasswordAuthentication no' /etc/ssh/sshd_config.d/appliance.conf")?;
@@ -555,7 +568,8 @@ impl Vm {
     }
 
     /// A clean shutdown from inside; waits for qemu to exit.
-    pub(crate) fn shutdown(&self, mut qemu: Child) -> Result<()> {
+    pub(crate) fn shutdown(&self, mut qemu: Qemu) -> Result<()> {
+        let qemu = &mut qemu.0;
         let _ = self.ssh("systemctl poweroff --no-block");
         let started = Instant::now();
         while qemu.try_wait()?.is_none() {
@@ -610,6 +624,24 @@ fn sha256(path: &Path) -> Result<String> {
         .next()
         .unwrap_or_default()
         .to_string())
+}
+
+/// A running qemu, killed when dropped (a failed check leaves no VM behind).
+pub(crate) struct Qemu(Child);
+
+impl Qemu {
+    pub(crate) fn exited(&mut self) -> Result<bool> {
+        Ok(self.0.try_wait()?.is_some())
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 fn free_port() -> Result<u16> {
