@@ -106,10 +106,13 @@ fn skopeo_copies_and_umoci_unpacks_the_bundle_to_the_rendered_tree() {
         .arg(format!("{}:vps", layout.display()))
         .arg(&unpacked));
 
+    // The bundle's tree: without the disk image's own layer.
     let o = p.builder(&[
         "render",
         "--profile",
         "vps",
+        "--output",
+        "bundle",
         "--set",
         "server_name=oci.example.net",
         "--out",
