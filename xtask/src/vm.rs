@@ -389,7 +389,22 @@ impl Vm {
     /// Units, mounts and images as the issue asks.
     fn check_system(&self) -> Result<()> {
         let failed = self.ssh("systemctl list-units --failed --plain --no-legend")?;
-        ensure!(failed.trim().is_empty(), "failed units:\n{failed}");
+        // Podman runs each health probe as a transient unit; one probe that
+        // timed out on this slow, emulated machine stays "failed" even when
+        // the next ones pass. Those are reported; the container's health is
+        // what counts (matrixctl status, below). Any other failed unit fails.
+        let (probes, failed): (Vec<&str>, Vec<&str>) = failed
+            .lines()
+            .partition(|l| l.contains("[systemd-run] /usr/bin/podman healthcheck run"));
+        ensure!(failed.is_empty(), "failed units:\n{}", failed.join("\n"));
+        if !probes.is_empty() {
+            eprintln!(
+                "vm-test: note: {} failed health probe(s) (timed out)",
+                probes.len()
+            );
+        }
+        self.ssh("matrixctl status >/dev/null")
+            .context("matrixctl status says the stack is not healthy")?;
         let root = self.ssh("findmnt -no FSTYPE,OPTIONS /")?;
         ensure!(
             root.starts_with("erofs") && root.contains("ro"),
