@@ -156,6 +156,13 @@ fn boot_times(repo: &Path) -> Result<()> {
     Ok(())
 }
 
+fn repo_cache() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the repo")
+        .join("target/test-image-cache")
+}
+
 /// The image's own kernel and initramfs (from its ESP) and command line
 /// (from its manifest), into `work/`.
 fn extract_kernel(raw: &Path, manifest: &Path, work: &Path) -> Result<()> {
@@ -166,19 +173,41 @@ fn extract_kernel(raw: &Path, manifest: &Path, work: &Path) -> Result<()> {
         .and_then(|p| p.iter().find(|p| p["label"] == "esp"))
         .context("no ESP in the manifest")?;
     let offset = esp["offset"].as_u64().context("no ESP offset")?;
-    let mnt = work.join("esp");
-    fs::create_dir_all(&mnt)?;
-    let status = Command::new("mount")
-        .arg("-o")
-        .arg(format!("loop,ro,offset={offset}"))
-        .arg(raw)
-        .arg(&mnt)
-        .status()?;
-    ensure!(status.success(), "mounting the image's ESP failed");
-    let copied = fs::copy(mnt.join("vmlinuz"), work.join("vmlinuz"))
-        .and_then(|_| fs::copy(mnt.join("initrd.img"), work.join("initrd.img")));
-    let _ = Command::new("umount").arg(&mnt).status();
-    copied?;
+    // mtools from the builder's own tools root: the host may have no vfat.
+    let tools = fs::read_dir(repo_cache().join("disk-tools"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("root"))
+        .find(|p| p.join("usr/bin/mcopy").exists())
+        .context("no disk tools root with mtools in target/test-image-cache")?;
+    let dir = raw.parent().context("the image has a directory")?;
+    let name = raw
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("image name")?;
+    for file in ["vmlinuz", "initrd.img"] {
+        let script = format!(
+            "set -e\nmkdir -p {t}/bench\nmount --bind {d} {t}/bench\n\
+             chroot {t} mcopy -o -n -i /bench/{name}@@{offset} ::/{file} /bench/{file}",
+            t = tools.display(),
+            d = dir.display(),
+        );
+        let status = Command::new("unshare")
+            .args([
+                "--mount",
+                "--propagation",
+                "private",
+                "--fork",
+                "sh",
+                "-c",
+                &script,
+            ])
+            .status()?;
+        ensure!(
+            status.success(),
+            "copying {file} out of the image's ESP failed"
+        );
+        fs::rename(dir.join(file), work.join(file))?;
+    }
     fs::write(
         work.join("cmdline"),
         disk["kernel_cmdline"]
