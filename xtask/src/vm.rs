@@ -293,17 +293,7 @@ impl Vm {
             t = self.tools.display(),
             w = self.work.display()
         );
-        Command::new("unshare")
-            .args([
-                "--mount",
-                "--propagation",
-                "private",
-                "--fork",
-                "--kill-child",
-                "sh",
-                "-c",
-                &script,
-            ])
+        in_private_mounts(&script)
             .stdin(Stdio::null())
             .stdout(fs::File::create(self.work.join("qemu.log"))?)
             .stderr(Stdio::inherit())
@@ -659,6 +649,23 @@ impl Drop for Qemu {
     }
 }
 
+/// `sh -c script` in a private mount namespace (the tools root's mounts stay
+/// there); its child dies with it.
+fn in_private_mounts(script: &str) -> Command {
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "--fork",
+        "--kill-child",
+        "sh",
+        "-c",
+        script,
+    ]);
+    cmd
+}
+
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -677,17 +684,7 @@ fn kvm_boots(tools: &Path) -> bool {
          -no-reboot -serial none -monitor none",
         t = tools.display()
     );
-    let Ok(mut child) = Command::new("unshare")
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "--fork",
-            "--kill-child",
-            "sh",
-            "-c",
-            &script,
-        ])
+    let Ok(mut child) = in_private_mounts(&script)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
