@@ -137,7 +137,17 @@ pub fn plan(project: &Project, profile_name: &str, input: &SiteInput) -> Result<
     let specs = collect_specs(&candidates, &decls)?;
     check_when_clauses(&candidates, &decls, &specs)?;
     let sources = sources(&profile, input)?;
-    let values = values::resolve(&specs, &sources)?;
+    // A required value that only conditional layers declare is required only
+    // when one of them is included: it resolves as optional here, and the
+    // included layers' needs are checked below.
+    let conditional = conditionally_required(&candidates, &specs);
+    let mut lenient = specs.clone();
+    for name in &conditional {
+        if let Some(spec) = lenient.get_mut(name) {
+            spec.optional = true;
+        }
+    }
+    let values = values::resolve(&lenient, &sources)?;
 
     kind_layers.retain(|_, kind| profile.outputs.contains(kind));
     let layers: Vec<Layer> = candidates
@@ -146,6 +156,7 @@ pub fn plan(project: &Project, profile_name: &str, input: &SiteInput) -> Result<
         .filter(|l| profile.layers.contains(&l.name) || kind_layers.contains_key(&l.name))
         .collect();
     let layers = order(layers, project)?;
+    check_conditionally_required(&layers, &conditional, &specs, &values)?;
 
     let mut needed: BTreeMap<String, (ImageDecl, Vec<String>)> = BTreeMap::new();
     for layer in &layers {
@@ -169,6 +180,59 @@ pub fn plan(project: &Project, profile_name: &str, input: &SiteInput) -> Result<
         images,
         kind_layers,
     })
+}
+
+/// Required values (no default, not optional) that only layers with a `when`
+/// clause declare.
+fn conditionally_required(
+    layers: &[Layer],
+    specs: &BTreeMap<String, ValueSpec>,
+) -> BTreeSet<String> {
+    specs
+        .iter()
+        .filter(|(_, spec)| spec.default.is_none() && !spec.optional)
+        .filter(|(name, _)| {
+            let mut declaring = layers.iter().filter(|l| l.def.values.contains_key(*name));
+            declaring.all(|l| !l.def.when.is_empty())
+        })
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+/// The conditionally required values the included layers need and nobody gave.
+fn check_conditionally_required(
+    layers: &[Layer],
+    conditional: &BTreeSet<String>,
+    specs: &BTreeMap<String, ValueSpec>,
+    values: &Values,
+) -> Result<()> {
+    let mut missing = Vec::new();
+    for name in conditional {
+        if values.get(name).is_some_and(|v| !v.is_null()) {
+            continue;
+        }
+        let needing: Vec<String> = layers
+            .iter()
+            .filter(|l| l.def.values.contains_key(name))
+            .map(|l| {
+                let when: Vec<String> = l
+                    .def
+                    .when
+                    .iter()
+                    .map(|(k, v)| format!("{k} = {v}"))
+                    .collect();
+                format!("layer {} needs it ({})", l.name, when.join(", "))
+            })
+            .collect();
+        if !needing.is_empty() {
+            missing.push((name.clone(), needing.join("; ")));
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(usage(values::missing_required(specs, &missing)))
+    }
 }
 
 /// Every value any candidate layer declares, and those its images bring;

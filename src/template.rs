@@ -5,6 +5,9 @@
 //! Values reach config files through quoting filters: `yaml`, `json` and
 //! `toml` (a JSON-encoded scalar or flow list is valid in all three for the
 //! values site values can hold) and `shell` (a single-quoted word).
+//! `regex_escape` makes a value match itself literally inside a regular
+//! expression (e.g. a server name in an appservice namespace); it does not
+//! quote, so its result still goes through one of the quoting filters.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -21,6 +24,7 @@ pub fn render(name: &str, source: &str, values: &BTreeMap<String, Json>) -> Resu
         tera.register_filter(filter, encode_json);
     }
     tera.register_filter("shell", shell_quote);
+    tera.register_filter("regex_escape", regex_escape);
     tera.add_raw_template(name, source)
         .map_err(|e| syntax_error(name, &e))?;
 
@@ -210,6 +214,13 @@ fn shell_quote(value: &Json, _: &HashMap<String, Json>) -> tera::Result<Json> {
     Ok(Json::String(format!("'{}'", text.replace('\'', r"'\''"))))
 }
 
+fn regex_escape(value: &Json, _: &HashMap<String, Json>) -> tera::Result<Json> {
+    match value {
+        Json::String(s) => Ok(Json::String(regex::escape(s))),
+        _ => Err(tera::Error::msg("regex_escape takes a string")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,6 +255,22 @@ mod tests {
         assert_eq!(parsed["k"], serde_yaml::Value::from("a: b\n\"c\""));
         let q = render("t", "{{ s | shell }}", &values(&[("s", json!("it's"))])).unwrap();
         assert_eq!(q, r"'it'\''s'");
+    }
+
+    #[test]
+    fn regex_escape_makes_a_name_literal() {
+        let v = values(&[("server_name", json!("ex-ample.org:8448"))]);
+        let out = render(
+            "t",
+            "{% set d = server_name | regex_escape %}{{ \"^@bot:\" ~ d ~ \"$\" | yaml }}",
+            &v,
+        )
+        .unwrap();
+        assert_eq!(out, r#""^@bot:ex\\-ample\\.org:8448$""#);
+        let pattern: String = serde_yaml::from_str(&out).unwrap();
+        let re = regex::Regex::new(&pattern).unwrap();
+        assert!(re.is_match("@bot:ex-ample.org:8448"));
+        assert!(!re.is_match("@bot:exx-ample.org:8448") && !re.is_match("@bot:ex-ampleXorg:8448"));
     }
 
     #[test]

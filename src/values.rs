@@ -392,20 +392,42 @@ pub fn resolve(
         }
     }
     if !missing.is_empty() {
-        let lines: Vec<String> = missing
-            .iter()
-            .map(|n| format!("  {n}: {} ({})", specs[n].description, specs[n].kind.hint()))
-            .collect();
-        problems.push(format!(
-            "missing required site values; give each with --set name=value or in --site FILE:\n{}",
-            lines.join("\n")
-        ));
+        let missing: Vec<(String, String)> =
+            missing.into_iter().map(|n| (n, String::new())).collect();
+        problems.push(missing_required(specs, &missing));
     }
     if problems.is_empty() {
         Ok(Values(resolved))
     } else {
         Err(UsageError(problems.join("\n")))
     }
+}
+
+/// The error for required values nobody gave: each (name, why it is needed)
+/// with its description and type; `why` may be empty.
+pub fn missing_required(
+    specs: &BTreeMap<String, ValueSpec>,
+    missing: &[(String, String)],
+) -> String {
+    let lines: Vec<String> = missing
+        .iter()
+        .map(|(n, why)| {
+            let why = if why.is_empty() {
+                String::new()
+            } else {
+                format!("; {why}")
+            };
+            format!(
+                "  {n}: {} ({}){why}",
+                specs[n].description,
+                specs[n].kind.hint()
+            )
+        })
+        .collect();
+    format!(
+        "missing required site values; give each with --set name=value or in --site FILE:\n{}",
+        lines.join("\n")
+    )
 }
 
 /// Fills `name` from its default, first resolving the values the default

@@ -547,3 +547,41 @@ fn disk_only_layers_stay_out_of_the_bundle() {
         .join("bundle-tree/usr/share/matrix-appliance/synapse/homeserver.yaml")
         .is_file());
 }
+
+#[test]
+fn the_telegram_credentials_stay_out_of_the_manifest_and_the_output() {
+    let p = Project::copy_of_repo();
+    let hash = "5e1f0c2d3b4a59687766554433221100";
+    let o = p.builder(&[
+        "build",
+        "--profile",
+        "vps",
+        "--set",
+        "bridges=telegram",
+        "--set",
+        "telegram_api_id=24681357",
+        "--set",
+        &format!("telegram_api_hash={hash}"),
+    ]);
+    assert_exit(&o, 0);
+    let printed = format!("{}{}", stdout(&o), stderr(&o));
+    for secret in [hash, "24681357"] {
+        assert!(!printed.contains(secret), "{secret} printed:\n{printed}");
+        for file in ["vps.manifest.json", "SHA256SUMS"] {
+            let text = fs::read_to_string(p.out().join(file)).unwrap();
+            assert!(!text.contains(secret), "{secret} in {file}");
+        }
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(p.out().join("vps.manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        manifest["values"]["bridges"],
+        serde_json::json!(["telegram"])
+    );
+    assert!(manifest["values"].get("telegram_api_hash").is_none());
+    // `inspect` shows the values the image was built with, never these.
+    let shown = p.builder(&["inspect", p.out().join("vps.bundle.tar").to_str().unwrap()]);
+    assert_exit(&shown, 0);
+    assert!(!stdout(&shown).contains(hash));
+}

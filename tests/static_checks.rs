@@ -154,6 +154,20 @@ impl Catalog {
                     .map(|c| c.as_str().unwrap().to_string()),
                 ("string", "podman_subnet") => Some("10.77.12.0/24".to_string()),
                 ("string", "admin_user") => Some("ops.admin".to_string()),
+                // Every bridge, with the Telegram app credentials it then needs.
+                ("list", "bridges") => Some(
+                    spec["choices"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|c| c.as_str().unwrap())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ),
+                ("int", "telegram_api_id") => Some("1234567".to_string()),
+                ("string", "telegram_api_hash") => {
+                    Some("0123456789abcdef0123456789abcdef".to_string())
+                }
                 _ => None,
             };
             if let Some(value) = value {

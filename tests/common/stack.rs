@@ -158,26 +158,32 @@ fn synapse_dir() -> PathBuf {
         })
 }
 
+/// `builder render --profile vps` with `values` into `out` (replaced).
+pub fn render_vps(project: &Project, values: &[(&str, &str)], out: &Path) {
+    let _ = fs::remove_dir_all(out);
+    let mut args = vec![
+        "render".to_string(),
+        "--profile".into(),
+        "vps".into(),
+        "--out".into(),
+    ];
+    args.push(out.to_str().unwrap().to_string());
+    for (k, v) in values {
+        args.push("--set".into());
+        args.push(format!("{k}={v}"));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = project.builder(&args);
+    assert_exit(&o, 0);
+}
+
 impl Stack {
     /// Renders `profile` with `values` from a copy of the project and makes
     /// the stack's namespace and state. Nothing runs yet.
     pub fn new(project: &Project, values: &[(&str, &str)]) -> Stack {
         let dir = tempfile::tempdir().unwrap();
         let rendered = dir.path().join("rendered");
-        let mut args = vec![
-            "render".to_string(),
-            "--profile".into(),
-            "vps".into(),
-            "--out".into(),
-        ];
-        args.push(rendered.to_str().unwrap().to_string());
-        for (k, v) in values {
-            args.push("--set".into());
-            args.push(format!("{k}={v}"));
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let o = project.builder(&args);
-        assert_exit(&o, 0);
+        render_vps(project, values, &rendered);
 
         let netns = format!(
             "bt{}x{}",
@@ -429,8 +435,9 @@ impl Stack {
         fs::set_permissions(&pgpass, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     }
 
-    /// Synapse as its image's `start.py run ARGS` would run it.
-    pub fn start_synapse(&mut self) {
+    /// Python's arguments and the binds that run Synapse as its image's
+    /// `start.py run ARGS` would.
+    pub fn synapse_command(&self) -> (Vec<String>, Vec<(PathBuf, String)>) {
         let q = self.quadlet("matrix-synapse.container");
         let exec = words(&q["Exec"][0]);
         assert_eq!(
@@ -439,9 +446,15 @@ impl Stack {
         );
         let mut args = vec!["-m".to_string(), "synapse.app.homeserver".into()];
         args.extend(exec[1..].iter().cloned());
+        (args, self.volume_binds(&q))
+    }
+
+    /// Synapse as its image's `start.py run ARGS` would run it.
+    pub fn start_synapse(&mut self) {
+        let (args, binds) = self.synapse_command();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let binds = self.volume_binds(&q);
         self.spawn("synapse", &binds, &[], "python3", &args);
+        let q = self.quadlet("matrix-synapse.container");
         let health = words(&q["HealthCmd"][0]);
         let health: Vec<&str> = health.iter().map(String::as_str).collect();
         self.wait_for("Synapse", Duration::from_secs(120), health[0], &health[1..]);

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_disk;
+mod config_keys;
 mod lock;
 mod synapse;
 mod test;
@@ -10,7 +11,7 @@ mod vm;
 
 use std::process::ExitCode;
 
-const COMMANDS: &str = "bench, bench-disk, lock-wheels, test, tools, vm-test";
+const COMMANDS: &str = "bench, bench-disk, config-keys, lock-wheels, test, tools, vm-test";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -19,6 +20,7 @@ fn main() -> ExitCode {
     let result = match cmd.as_deref() {
         Some("bench") => bench::run(&rest),
         Some("bench-disk") => bench_disk::run(&rest),
+        Some("config-keys") => config_keys::run(&rest),
         Some("lock-wheels") => lock::run(&rest),
         Some("test") => test::run(&rest),
         Some("tools") => tools::run(&rest),

@@ -1,7 +1,8 @@
-//! Synapse for the live-stack tests: the version the `synapse` layer pins
-//! (the tag of its image), installed from PyPI wheels for the tools root's
-//! Python into `target/tools/synapse-<version>-cp<xy>/`, which the tests
-//! bind at /opt/synapse inside the root and put on PYTHONPATH.
+//! Python programs for the live-stack tests, from PyPI wheels for the tools
+//! root's Python, each in `target/tools/<name>-cp<xy>-<tag>/`, which the
+//! tests bind inside the root and put on PYTHONPATH: Synapse (the version
+//! the `synapse` layer pins, the tag of its image) at /opt/synapse, and
+//! mautrix-telegram (the local image's lock) at /opt/mautrix-telegram.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -48,20 +49,61 @@ pub fn ensure(repo: &Path, tools_root: &Path) -> Result<PathBuf> {
     let py = root_python(tools_root)?;
     // The extras the official image ships and the layers can turn on
     // (url_previews needs lxml).
-    let requirements = [
+    let requirements = vec![
         format!("matrix-synapse[url-preview]=={version}"),
         "psycopg2-binary".to_string(),
     ];
-    let tag: u32 = requirements
-        .join(" ")
+    install_wheels(
+        repo,
+        &format!("synapse-{version}"),
+        &py,
+        &requirements,
+        "synapse",
+    )
+}
+
+/// mautrix-telegram for the bridge tests: the local image's hash-locked
+/// closure (images/local/telegram/requirements.txt), installed the same way.
+/// Its one sdist-only dependency, pyaes, is the tools root's Debian package,
+/// as in the image.
+pub fn ensure_telegram(repo: &Path, tools_root: &Path) -> Result<PathBuf> {
+    let py = root_python(tools_root)?;
+    let lock = repo.join("images/local/telegram/requirements.txt");
+    let text = fs::read_to_string(&lock).with_context(|| format!("reading {}", lock.display()))?;
+    let version = text
+        .lines()
+        .find_map(|l| l.strip_prefix("mautrix-telegram=="))
+        .map(|v| v.trim_end_matches(" \\").trim().to_string())
+        .ok_or_else(|| anyhow!("{} pins no mautrix-telegram", lock.display()))?;
+    let requirements = vec![
+        "--no-deps".to_string(),
+        "--require-hashes".to_string(),
+        "-r".to_string(),
+        lock.to_string_lossy().into_owned(),
+    ];
+    let name = format!("mautrix-telegram-{version}");
+    install_wheels(repo, &name, &py, &requirements, &text)
+}
+
+/// `pip install --target target/tools/<name>-cp<xy>-<tag>` of `requirements`
+/// (pip arguments) as wheels for the tools root's CPython, unless already
+/// there. `key` (with the arguments) names the directory's content.
+fn install_wheels(
+    repo: &Path,
+    name: &str,
+    py: &str,
+    requirements: &[String],
+    key: &str,
+) -> Result<PathBuf> {
+    let tag: u32 = format!("{}\n{key}", requirements.join(" "))
         .bytes()
         .fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(b.into()));
-    let dir = repo.join(format!("target/tools/synapse-{version}-cp{py}-{tag:08x}"));
-    if dir.join("synapse").is_dir() {
+    let dir = repo.join(format!("target/tools/{name}-cp{py}-{tag:08x}"));
+    if dir.join(".complete").exists() || dir.join("synapse").is_dir() {
         return Ok(dir);
     }
     eprintln!(
-        "xtask: installing Synapse {version} wheels for CPython {py} into {}",
+        "xtask: installing {name} wheels for CPython {py} into {}",
         dir.display()
     );
     let partial = dir.with_extension("partial");
@@ -95,7 +137,7 @@ pub fn ensure(repo: &Path, tools_root: &Path) -> Result<PathBuf> {
         .args(["--platform", "manylinux2014_x86_64", "--platform", "any"])
         .arg("--target")
         .arg(&partial)
-        .args(&requirements)
+        .args(requirements)
         .status()
         .context("running pip")?;
     if !status.success() {
@@ -104,6 +146,7 @@ pub fn ensure(repo: &Path, tools_root: &Path) -> Result<PathBuf> {
             requirements.join(" ")
         );
     }
+    fs::write(partial.join(".complete"), "")?;
     fs::rename(&partial, &dir)?;
     Ok(dir)
 }

@@ -16,12 +16,14 @@ pub fn run(args: &[String]) -> Result<()> {
         .parent()
         .expect("xtask lives in the repo");
     let synapse = crate::synapse::ensure(repo, &tools.root)?;
+    let telegram = crate::synapse::ensure_telegram(repo, &tools.root)?;
     install_debian_packages(DEBIAN_PACKAGES)?;
     let status = Command::new(env!("CARGO"))
         .args(["test", "--workspace", "--locked"])
         .env("BUILDER_TOOLS_ROOT", &tools.root)
         .env("BUILDER_TOOLS_VENV", &tools.venv)
         .env("BUILDER_SYNAPSE_DIR", &synapse)
+        .env("BUILDER_TELEGRAM_DIR", &telegram)
         .args(args)
         .status()
         .context("running cargo test")?;

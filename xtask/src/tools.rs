@@ -51,6 +51,10 @@ const PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "ovmf",
     "seabios",
+    // what mautrix-telegram (PyPI wheels) needs from Debian, as in its image: pyaes (an sdist
+    // on PyPI) and libmagic for python-magic
+    "python3-pyaes",
+    "libmagic1",
 ];
 
 /// Run in the finished root (mmdebstrap `--customize-hook`; "$1" is the root).
@@ -81,9 +85,11 @@ pub fn run(args: &[String]) -> Result<()> {
         .parent()
         .expect("xtask lives in the repo");
     let synapse = crate::synapse::ensure(repo, &tools.root)?;
+    let telegram = crate::synapse::ensure_telegram(repo, &tools.root)?;
     println!("{}", tools.root.display());
     println!("{}", tools.venv.display());
     println!("{}", synapse.display());
+    println!("{}", telegram.display());
     Ok(())
 }
 

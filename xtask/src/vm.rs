@@ -17,8 +17,10 @@
 //! erofs, /var grown to the disk, only embedded images in Podman's store,
 //! Matrix over TLS through the proxy (trusting only the appliance's CA),
 //! `.well-known`, the admin logging in. The first boot creates a room and a
-//! message; later boots read it back and find the same machine ID, SSH host
-//! key and secrets, with no first-boot step run again. qemu uses KVM when a
+//! message, and the Telegram bridge's bot (its image built locally and
+//! embedded) answers `help`; later boots read the message back and find the
+//! same machine ID, SSH host key, secrets and bridge registrations, with no
+//! first-boot step run again. qemu uses KVM when a
 //! probe boots with it, else TCG.
 
 use std::fs;
@@ -35,6 +37,9 @@ const SERVER_NAME: &str = "vm-test.example";
 const MATRIX_HOST: &str = "matrix.vm-test.example";
 const READY: &str = "matrix-appliance: ready";
 const NOT_READY: &str = "matrix-appliance: NOT ready";
+/// Test-only Telegram app credentials (well-formed, not a real app).
+const TELEGRAM_API_ID: &str = "7654321";
+const TELEGRAM_API_HASH: &str = "fedcba9876543210fedcba9876543210";
 /// First boot under TCG loads ~250 MB of images and initialises everything.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(40 * 60);
 /// The VM's hardware, for the boots and the KVM probe alike.
@@ -81,6 +86,10 @@ pub fn run(args: &[String]) -> Result<()> {
                 .arg(repo.join("target/test-image-cache"))
                 .args(["--set", &format!("server_name={SERVER_NAME}")])
                 .args(["--set", &format!("ssh_authorized_keys={}", pubkey.trim())])
+                // The Telegram bridge, its image built locally and embedded.
+                .args(["--set", "bridges=telegram"])
+                .args(["--set", &format!("telegram_api_id={TELEGRAM_API_ID}")])
+                .args(["--set", &format!("telegram_api_hash={TELEGRAM_API_HASH}")])
                 .args(extra),
             "builder build",
         )?;
@@ -119,6 +128,7 @@ pub fn run(args: &[String]) -> Result<()> {
     vm.check_system()?;
     let before = vm.identity()?;
     let room = vm.check_matrix(None)?;
+    vm.check_telegram_bridge()?;
     vm.shutdown(qemu)?;
 
     // The same disk with BIOS firmware: the reboot.
@@ -443,8 +453,8 @@ impl Vm {
     fn identity(&self) -> Result<String> {
         self.ssh(
             "cat /etc/machine-id; ssh-keygen -lf /var/lib/appliance/ssh/ssh_host_ed25519_key.pub; \
-             cd /var/lib/matrix && find secrets synapse/secrets -type f ! -name matrixctl-token \
-             -exec sha256sum {} + | sort -k2",
+             cd /var/lib/matrix && find secrets synapse/secrets synapse/appservices bridges/*/secrets \
+             -type f ! -name matrixctl-token -exec sha256sum {} + | sort -k2",
         )
         .map(|s| s.replace('\n', " | "))
     }
@@ -531,6 +541,103 @@ impl Vm {
         ensure!(found, "the message is not in the room: {messages}");
         eprintln!("vm-test: Matrix answers over TLS; the admin's message is in {room_id}");
         Ok((room_id, text))
+    }
+
+    /// The Telegram bridge: registered with Synapse, its bot answers `help` in a
+    /// direct chat with the admin (through the proxy over TLS), and no secret of it
+    /// is in the journal.
+    fn check_telegram_bridge(&self) -> Result<()> {
+        let listed = self.ssh("cat /var/lib/matrix/synapse/conf.d/40-appservices.yaml")?;
+        ensure!(
+            listed.contains("/var/lib/matrix/synapse/appservices/telegram.yaml"),
+            "the Telegram registration is not listed for Synapse:\n{listed}"
+        );
+        let password = self.ssh("cat /var/lib/matrix/secrets/admin-password")?;
+        let login = self.request(
+            "POST",
+            MATRIX_HOST,
+            "/_matrix/client/v3/login",
+            None,
+            Some(json!({"type": "m.login.password",
+                        "identifier": {"type": "m.id.user", "user": "admin"},
+                        "password": password.trim_end_matches('\n')})),
+        )?;
+        let token = login["access_token"].as_str().context("login")?.to_string();
+        let bot = format!("@telegrambot:{SERVER_NAME}");
+        let created = self.request(
+            "POST",
+            MATRIX_HOST,
+            "/_matrix/client/v3/createRoom",
+            Some(&token),
+            Some(json!({"invite": [bot], "is_direct": true, "preset": "private_chat"})),
+        )?;
+        let room = created["room_id"]
+            .as_str()
+            .with_context(|| format!("createRoom: {created}"))?
+            .replace('!', "%21")
+            .replace(':', "%3A");
+        let started = Instant::now();
+        let mut sent = false;
+        loop {
+            let members = self.request(
+                "GET",
+                MATRIX_HOST,
+                &format!("/_matrix/client/v3/rooms/{room}/joined_members"),
+                Some(&token),
+                None,
+            )?;
+            if members["joined"].get(&bot).is_some() && !sent {
+                let answer = self.request(
+                    "PUT",
+                    MATRIX_HOST,
+                    &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/vm-help-1"),
+                    Some(&token),
+                    Some(json!({"msgtype": "m.text", "body": "help"})),
+                )?;
+                ensure!(answer["event_id"].is_string(), "send: {answer}");
+                sent = true;
+            }
+            if sent {
+                let messages = self.request(
+                    "GET",
+                    MATRIX_HOST,
+                    &format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=50"),
+                    Some(&token),
+                    None,
+                )?;
+                let answered = messages["chunk"].as_array().is_some_and(|c| {
+                    c.iter().any(|e| {
+                        e["sender"] == json!(bot)
+                            && e["content"]["body"]
+                                .as_str()
+                                .is_some_and(|b| b.contains("Show this help message"))
+                    })
+                });
+                if answered {
+                    break;
+                }
+            }
+            ensure!(
+                started.elapsed() < Duration::from_secs(600),
+                "the Telegram bridge bot did not {} within 10 minutes",
+                if sent {
+                    "answer `help`"
+                } else {
+                    "join the direct chat"
+                }
+            );
+            std::thread::sleep(Duration::from_secs(5));
+        }
+        eprintln!(
+            "vm-test: the Telegram bridge bot answered `help` after {:.0?}",
+            started.elapsed()
+        );
+        let leaked = self.ssh(&format!(
+            "journalctl --no-pager | grep -c -F -e {TELEGRAM_API_HASH} \
+             -f /var/lib/matrix/bridges/telegram/secrets/as_token || true"
+        ))?;
+        ensure!(leaked.trim() == "0", "a Telegram secret is in the journal");
+        Ok(())
     }
 
     /// curl over the forwarded port as if DNS pointed `host` at the VM.
