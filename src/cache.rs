@@ -65,6 +65,40 @@ impl Key {
         self
     }
 
+    /// Adds a merged output tree: every path with its metadata and content.
+    /// A streamed file is named by its path, which is a blob of this cache
+    /// (named by its digest) or a file of a cached root.
+    pub fn add_tree(&mut self, tree: &crate::tree::Tree) -> &mut Key {
+        use crate::tree::{Content, Node};
+        for (path, entry) in tree.iter() {
+            field(&mut self.0, path);
+            field(
+                &mut self.0,
+                format!(
+                    "{} {:o} {} {}",
+                    entry.type_name(),
+                    entry.mode,
+                    entry.uid,
+                    entry.gid
+                )
+                .as_bytes(),
+            );
+            match &entry.node {
+                Node::Dir => {}
+                Node::File(Content::Bytes(b)) => field(&mut self.0, b),
+                Node::File(Content::File { path, size }) => {
+                    field(&mut self.0, path.as_os_str().as_encoded_bytes());
+                    field(&mut self.0, &size.to_le_bytes());
+                }
+                Node::Symlink(target) => field(&mut self.0, target),
+                Node::Device { kind, major, minor } => {
+                    field(&mut self.0, format!("{kind:?} {major} {minor}").as_bytes())
+                }
+            }
+        }
+        self
+    }
+
     /// Adds a source tree (paths, kinds, contents).
     pub fn add_sources(&mut self, sources: &BTreeMap<Vec<u8>, SourceNode>) -> &mut Key {
         hash_sources(&mut self.0, sources);

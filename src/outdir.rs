@@ -81,8 +81,8 @@ impl OutDir {
         Ok(digest)
     }
 
-    /// Stages an existing file (a disk image, gigabytes and sparse): moved
-    /// by rename when on the same file system, else copied keeping holes.
+    /// Stages a copy of an existing file (a cached disk image, gigabytes and
+    /// sparse), keeping its holes; the source stays.
     pub fn stage_file(&mut self, name: &str, src: &Path) -> Result<Digest> {
         let digest = crate::digest::HashingReader::new(
             fs::File::open(src).with_context(|| format!("reading {}", src.display()))?,
@@ -94,20 +94,18 @@ impl OutDir {
             .prefix(&format!(".{name}."))
             .tempfile_in(&self.dir)
             .with_context(|| format!("creating a temporary file in {}", self.dir.display()))?;
-        if fs::rename(src, tmp.path()).is_err() {
-            let status = std::process::Command::new("cp")
-                .arg("--sparse=always")
-                .arg(src)
-                .arg(tmp.path())
-                .status()
-                .with_context(|| format!("copying {} (cp)", src.display()))?;
-            if !status.success() {
-                return Err(anyhow!(
-                    "copying {} into {} failed",
-                    src.display(),
-                    self.dir.display()
-                ));
-            }
+        let status = std::process::Command::new("cp")
+            .arg("--sparse=always")
+            .arg(src)
+            .arg(tmp.path())
+            .status()
+            .with_context(|| format!("copying {} (cp)", src.display()))?;
+        if !status.success() {
+            return Err(anyhow!(
+                "copying {} into {} failed",
+                src.display(),
+                self.dir.display()
+            ));
         }
         fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644))?;
         self.staged.push((tmp, name.to_string(), digest));

@@ -559,13 +559,11 @@ fn type_name(v: &Yaml) -> &'static str {
     }
 }
 
-/// Every key of `doc` must be in `upstream` with the same type, except below
-/// maps whose content is the user's (permissions, double-puppet servers,
-/// Python's logging dictConfig).
-fn check_keys(label: &str, doc: &Yaml, upstream: &BTreeMap<String, String>, free: &[&str]) {
-    fn walk(prefix: &str, v: &Yaml, out: &mut Vec<(String, &'static str, bool)>, free: &[&str]) {
+/// Every key path of a YAML document with its value's type, as
+/// `cargo xtask config-keys` lists them.
+fn keys_of_yaml(doc: &Yaml) -> BTreeMap<String, String> {
+    fn walk(prefix: &str, v: &Yaml, out: &mut BTreeMap<String, String>) {
         let Yaml::Mapping(map) = v else { return };
-        let is_free = free.contains(&prefix);
         for (k, child) in map {
             let key = k
                 .as_str()
@@ -576,20 +574,26 @@ fn check_keys(label: &str, doc: &Yaml, upstream: &BTreeMap<String, String>, free
             } else {
                 format!("{prefix}.{key}")
             };
-            out.push((path.clone(), type_name(child), is_free));
-            if !is_free {
-                walk(&path, child, out, free);
-            }
+            out.insert(path.clone(), type_name(child).to_string());
+            walk(&path, child, out);
         }
     }
-    let mut ours = Vec::new();
-    walk("", doc, &mut ours, free);
+    let mut out = BTreeMap::new();
+    walk("", doc, &mut out);
+    out
+}
+
+/// Every key of `doc` must be in `upstream` with the same type, except below
+/// maps whose content is the user's (permissions, double-puppet servers,
+/// Python's logging dictConfig).
+fn check_keys(label: &str, doc: &Yaml, upstream: &BTreeMap<String, String>, free: &[&str]) {
+    let ours = keys_of_yaml(doc);
     assert!(!ours.is_empty());
-    for (path, kind, under_free_map) in ours {
-        if under_free_map {
+    for (path, kind) in &ours {
+        if free.iter().any(|f| path.starts_with(&format!("{f}."))) {
             continue;
         }
-        match upstream.get(&path) {
+        match upstream.get(path) {
             Some(t) => assert!(
                 t == kind || (t == "null" && kind == "str"),
                 "{label}: {path} is {kind}, upstream {t}"
@@ -697,6 +701,44 @@ fn rendered_bridge_configs_use_the_upstream_keys_and_types() {
         );
     }
 
+    // Namespaces never overlap: no bridge's regex matches another bridge's users.
+    let bridges = ["whatsapp", "telegram", "signal"];
+    for a in bridges {
+        let r = yaml_file(&out.join(format!(
+            "usr/share/matrix-appliance/bridges/{a}/registration.yaml"
+        )));
+        for ns in r["namespaces"]["users"].as_sequence().unwrap() {
+            let re = regex::Regex::new(ns["regex"].as_str().unwrap()).unwrap();
+            assert!(
+                re.is_match(&format!("@{a}_someone:chat.example.net"))
+                    || re.is_match(&format!("@{a}bot:chat.example.net"))
+            );
+            for b in bridges.iter().filter(|b| **b != a) {
+                for user in [
+                    format!("@{b}bot:chat.example.net"),
+                    format!("@{b}_someone:chat.example.net"),
+                ] {
+                    assert!(!re.is_match(&user), "{a}'s {re} matches {user}");
+                }
+            }
+            assert!(
+                !re.is_match(&format!("@{a}_someone:other.example.net")),
+                "{a}: {re} matches another server"
+            );
+        }
+    }
+
+    // The check itself: a key the bridge does not know, or a value of another type, fails.
+    let whatsapp = keys_of_fixture(&fixtures.join("whatsapp-v0.2608.0.keys"));
+    for bad in [
+        "appservice:\n    bot_username: x\n",
+        "appservice:\n    port: \"29318\"\n",
+    ] {
+        let doc: Yaml = serde_yaml::from_str(bad).unwrap();
+        let caught = std::panic::catch_unwind(|| check_keys("bad", &doc, &whatsapp, &[]));
+        assert!(caught.is_err(), "check_keys accepted {bad:?}");
+    }
+
     // Telegram: against the upstream image's version (fixture) and the local image's, from
     // the installed package itself.
     let telegram_free = [
@@ -715,25 +757,7 @@ fn rendered_bridge_configs_use_the_upstream_keys_and_types() {
         &telegram_free,
     );
     let example = yaml_file(&telegram_dir().join("mautrix_telegram/example-config.yaml"));
-    let mut local = BTreeMap::new();
-    fn flatten(prefix: &str, v: &Yaml, out: &mut BTreeMap<String, String>) {
-        if let Yaml::Mapping(map) = v {
-            for (k, child) in map {
-                let key = k
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| format!("{k:?}"));
-                let path = if prefix.is_empty() {
-                    key
-                } else {
-                    format!("{prefix}.{key}")
-                };
-                out.insert(path.clone(), type_name(child).to_string());
-                flatten(&path, child, out);
-            }
-        }
-    }
-    flatten("", &example, &mut local);
+    let local = keys_of_yaml(&example);
     check_keys("telegram (local image)", &c, &local, &telegram_free);
     assert_eq!(
         c["telegram"]["api_id"].as_i64(),

@@ -506,3 +506,57 @@ fn a_malformed_ssh_key_is_refused() {
         );
     }
 }
+
+#[test]
+fn the_telegram_bridge_needs_its_credentials_and_never_echoes_them() {
+    let p = Project::copy_of_repo();
+    // Not selected: not needed.
+    let o = p.builder(&[
+        "build",
+        "--profile",
+        "vps",
+        "--set",
+        "bridges=whatsapp,signal",
+    ]);
+    assert_exit(&o, 0);
+    // Selected without them: both named, with what they are and why they are needed.
+    let o = p.builder(&["build", "--profile", "vps", "--set", "bridges=telegram"]);
+    assert_exit(&o, 2);
+    let err = stderr(&o);
+    for name in ["telegram_api_id", "telegram_api_hash"] {
+        assert!(err.contains(&format!("  {name}: Telegram API")), "{err}");
+    }
+    assert!(err.contains("layer bridge-telegram needs it"), "{err}");
+    // Malformed: refused, and the value is not shown.
+    let bad_hash = "0123456789ABCDEFxyz";
+    let o = p.builder(&[
+        "build",
+        "--profile",
+        "vps",
+        "--set",
+        "bridges=telegram",
+        "--set",
+        "telegram_api_id=0",
+        "--set",
+        &format!("telegram_api_hash={bad_hash}"),
+    ]);
+    assert_exit(&o, 2);
+    let err = stderr(&o);
+    assert!(
+        err.contains("telegram_api_hash = (sensitive value not shown)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("telegram_api_id = (sensitive value not shown)"),
+        "{err}"
+    );
+    assert!(!err.contains(bad_hash), "{err}");
+    // An unknown bridge is named with the choices.
+    let o = p.builder(&["build", "--profile", "vps", "--set", "bridges=irc"]);
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).contains("must be one of whatsapp, telegram, signal"),
+        "{}",
+        stderr(&o)
+    );
+}

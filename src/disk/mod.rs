@@ -22,12 +22,14 @@ pub mod spec;
 mod tools;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::fs;
+use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 
-use crate::cache::Cache;
+use crate::cache::{Cache, Key};
 use crate::images::chroot;
 use crate::plan::Plan;
 use crate::progress::Progress;
@@ -65,13 +67,11 @@ pub struct PartitionInfo {
     pub uuid: String,
 }
 
-/// The finished images, in a scratch directory of the cache until the
-/// caller stages them into `--out`.
+/// The finished images, in the cache (the caller copies them into `--out`).
 pub struct DiskImages {
     pub raw: PathBuf,
     pub qcow2: PathBuf,
     pub info: DiskInfo,
-    _scratch: tempfile::TempDir,
 }
 
 /// What a disk build needs before anything else is done: a valid
@@ -102,28 +102,65 @@ pub fn build(
     )?;
     let tools = tools::ensure(cache, epoch, progress)?;
     let base = base::ensure(&spec, cache, epoch, progress)?;
-
-    let scratch = cache.temp_dir("disk-")?;
-    progress.note("disk: assembling the root file system");
-    let staged = assemble::stage(&spec, &base, &tools, merged, scratch.path(), epoch)?;
-    progress.note("disk: partitioning (systemd-repart) and installing boot loaders");
     let seed = partition::seed(&plan.profile.name);
-    let partitions = partition::make(&spec, &tools, scratch.path(), &seed, epoch)?;
-    let raw = scratch.path().join("disk.raw");
-    let qcow2 = scratch.path().join("disk.qcow2");
-    partition::to_qcow2(&tools, scratch.path())?;
-    let size = std::fs::metadata(&raw)?.len();
-    Ok(DiskImages {
-        raw,
-        qcow2,
-        info: DiskInfo {
+
+    // The finished images are cached by everything that decides their bytes, so a
+    // warm build with nothing changed only copies them out.
+    let mut key = Key::new("builder disk image", epoch);
+    key.add(IMAGE_VERSION.as_bytes())
+        .add(&builder_digest()?)
+        .add(&fs::read(project.images_dir().join("disk.toml"))?)
+        .add(base.root.as_os_str().as_encoded_bytes())
+        .add(tools.root.as_os_str().as_encoded_bytes())
+        .add(seed.as_bytes())
+        .add_tree(merged);
+    let mut built = false;
+    let dir = cache.dir_or_build("disk-image", &key.finish(), |dir: &Path| {
+        built = true;
+        let scratch = cache.temp_dir("disk-")?;
+        progress.note("disk: assembling the root file system");
+        let staged = assemble::stage(&spec, &base, &tools, merged, scratch.path(), epoch)?;
+        progress.note("disk: partitioning (systemd-repart) and installing boot loaders");
+        let partitions = partition::make(&spec, &tools, scratch.path(), &seed, epoch)?;
+        partition::to_qcow2(&tools, scratch.path())?;
+        let raw = scratch.path().join("disk.raw");
+        let info = DiskInfo {
             suite: crate::debian::SUITE.to_string(),
             kernel: staged.kernel,
             kernel_cmdline: staged.cmdline,
             packages: base.packages.clone(),
             partitions,
-            size,
-        },
-        _scratch: scratch,
+            size: fs::metadata(&raw)?.len(),
+        };
+        fs::rename(&raw, dir.join(RAW))?;
+        fs::rename(scratch.path().join("disk.qcow2"), dir.join(QCOW2))?;
+        fs::write(dir.join(INFO), serde_json::to_vec_pretty(&info)?)?;
+        Ok(())
+    })?;
+    if !built {
+        progress.note("disk: cached (the same inputs as before)");
+    }
+    let info: DiskInfo = serde_json::from_slice(&fs::read(dir.join(INFO))?)
+        .with_context(|| format!("reading {}", dir.join(INFO).display()))?;
+    Ok(DiskImages {
+        raw: dir.join(RAW),
+        qcow2: dir.join(QCOW2),
+        info,
     })
+}
+
+/// Bump when the disk image changes in a way nothing in its key shows.
+const IMAGE_VERSION: &str = "1";
+const RAW: &str = "disk.raw";
+const QCOW2: &str = "disk.qcow2";
+const INFO: &str = "info.json";
+
+/// The running builder's own bytes: assembly and partitioning are code, so
+/// another builder never reuses a cached image.
+fn builder_digest() -> Result<[u8; 32]> {
+    let exe = std::env::current_exe().context("finding the builder's own executable")?;
+    let mut file = fs::File::open(&exe).with_context(|| format!("reading {}", exe.display()))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).with_context(|| format!("reading {}", exe.display()))?;
+    Ok(hasher.finalize().into())
 }

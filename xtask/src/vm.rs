@@ -105,6 +105,8 @@ pub fn run(args: &[String]) -> Result<()> {
     // (mmdebstrap, initramfs), give byte-identical raw and qcow2 files.
     let cache = repo.join("target/test-image-cache");
     fs::remove_dir_all(cache.join("disk-base")).context("removing the cached base")?;
+    // The finished image is cached by its inputs: made anew too.
+    let _ = fs::remove_dir_all(cache.join("disk-image"));
     let again = build("out-again", &[])?;
     for ext in ["raw", "qcow2"] {
         let name = format!("{PROFILE}.{ext}");
@@ -262,6 +264,17 @@ impl Vm {
     }
 
     pub(crate) fn boot(&self, firmware: Firmware) -> Result<Qemu> {
+        self.boot_with(firmware, &[])
+    }
+
+    /// Boots with systemd credentials (name, content) passed in through
+    /// SMBIOS (type 11), e.g. `systemd.extra-unit.<unit>`: units the boot
+    /// gets without the image changing (mkosi's pattern for test hooks).
+    pub(crate) fn boot_with(
+        &self,
+        firmware: Firmware,
+        credentials: &[(&str, &str)],
+    ) -> Result<Qemu> {
         let serial = self.work.join("serial.log");
         let _ = fs::remove_file(&serial);
         fs::write(&serial, "")?;
@@ -281,6 +294,15 @@ impl Vm {
                 append.replace('\'', "")
             ),
         };
+        let smbios: String = credentials
+            .iter()
+            .map(|(name, content)| {
+                format!(
+                    " -smbios type=11,value=io.systemd.credential.binary:{name}={}",
+                    base64(content.as_bytes())
+                )
+            })
+            .collect();
         let accel = if kvm_boots(&self.tools) { "kvm" } else { "tcg" };
         let qemu = format!(
             "qemu-system-x86_64 {MACHINE} -accel {accel} \
@@ -288,7 +310,7 @@ impl Vm {
              -drive if=virtio,file=/work/disk.raw,format=raw \
              -netdev user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{}-:22,hostfwd=tcp:127.0.0.1:{}-:443 \
              -device virtio-net-pci,netdev=n0,romfile= \
-             -serial file:/work/serial.log -monitor none -display none",
+             -serial file:/work/serial.log -monitor none -display none{smbios}",
             self.ssh_port, self.https_port
         );
         let how = match firmware {
@@ -482,20 +504,7 @@ impl Vm {
             client["m.homeserver"]["base_url"] == json!(format!("https://{MATRIX_HOST}")),
             ".well-known/matrix/client: {client}"
         );
-        let password = self.ssh("cat /var/lib/matrix/secrets/admin-password")?;
-        let login = self.request(
-            "POST",
-            MATRIX_HOST,
-            "/_matrix/client/v3/login",
-            None,
-            Some(json!({"type": "m.login.password",
-                        "identifier": {"type": "m.id.user", "user": "admin"},
-                        "password": password.trim_end_matches('\n')})),
-        )?;
-        let token = login["access_token"]
-            .as_str()
-            .with_context(|| format!("the admin could not log in: {login}"))?
-            .to_string();
+        let token = self.admin_login()?;
         let (room_id, text) = match room {
             Some(r) => r.clone(),
             None => {
@@ -543,15 +552,8 @@ impl Vm {
         Ok((room_id, text))
     }
 
-    /// The Telegram bridge: registered with Synapse, its bot answers `help` in a
-    /// direct chat with the admin (through the proxy over TLS), and no secret of it
-    /// is in the journal.
-    fn check_telegram_bridge(&self) -> Result<()> {
-        let listed = self.ssh("cat /var/lib/matrix/synapse/conf.d/40-appservices.yaml")?;
-        ensure!(
-            listed.contains("/var/lib/matrix/synapse/appservices/telegram.yaml"),
-            "the Telegram registration is not listed for Synapse:\n{listed}"
-        );
+    /// Logs the admin in with the password first boot stored; the access token.
+    fn admin_login(&self) -> Result<String> {
         let password = self.ssh("cat /var/lib/matrix/secrets/admin-password")?;
         let login = self.request(
             "POST",
@@ -562,7 +564,22 @@ impl Vm {
                         "identifier": {"type": "m.id.user", "user": "admin"},
                         "password": password.trim_end_matches('\n')})),
         )?;
-        let token = login["access_token"].as_str().context("login")?.to_string();
+        Ok(login["access_token"]
+            .as_str()
+            .with_context(|| format!("the admin could not log in: {login}"))?
+            .to_string())
+    }
+
+    /// The Telegram bridge: registered with Synapse, its bot answers `help` in a
+    /// direct chat with the admin (through the proxy over TLS), and no secret of it
+    /// is in the journal.
+    fn check_telegram_bridge(&self) -> Result<()> {
+        let listed = self.ssh("cat /var/lib/matrix/synapse/conf.d/40-appservices.yaml")?;
+        ensure!(
+            listed.contains("/var/lib/matrix/synapse/appservices/telegram.yaml"),
+            "the Telegram registration is not listed for Synapse:\n{listed}"
+        );
+        let token = self.admin_login()?;
         let bot = format!("@telegrambot:{SERVER_NAME}");
         let created = self.request(
             "POST",
@@ -773,6 +790,23 @@ fn in_private_mounts(script: &str) -> Command {
     cmd
 }
 
+/// Standard base64 with padding (credentials on qemu's command line).
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let n = chunk.iter().fold(0u32, |n, b| (n << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -810,4 +844,23 @@ fn run_ok(cmd: &mut Command, what: &str) -> Result<()> {
     let status = cmd.status().with_context(|| format!("running {what}"))?;
     ensure!(status.success(), "{what} failed ({status})");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        let cases = [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ];
+        for (plain, encoded) in cases {
+            assert_eq!(super::base64(plain.as_bytes()), encoded, "{plain:?}");
+        }
+    }
 }
