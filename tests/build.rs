@@ -552,17 +552,14 @@ fn disk_only_layers_stay_out_of_the_bundle() {
 fn the_telegram_credentials_stay_out_of_the_manifest_and_the_output() {
     let p = Project::copy_of_repo();
     let hash = "5e1f0c2d3b4a59687766554433221100";
-    let o = p.builder(&[
-        "build",
-        "--profile",
+    let o = p.build_with(
         "vps",
-        "--set",
-        "bridges=telegram",
-        "--set",
-        "telegram_api_id=24681357",
-        "--set",
-        &format!("telegram_api_hash={hash}"),
-    ]);
+        &[
+            "bridges=telegram",
+            "telegram_api_id=24681357",
+            &format!("telegram_api_hash={hash}"),
+        ],
+    );
     assert_exit(&o, 0);
     let printed = format!("{}{}", stdout(&o), stderr(&o));
     for secret in [hash, "24681357"] {

@@ -511,16 +511,10 @@ fn a_malformed_ssh_key_is_refused() {
 fn the_telegram_bridge_needs_its_credentials_and_never_echoes_them() {
     let p = Project::copy_of_repo();
     // Not selected: not needed.
-    let o = p.builder(&[
-        "build",
-        "--profile",
-        "vps",
-        "--set",
-        "bridges=whatsapp,signal",
-    ]);
+    let o = p.build_with("vps", &["bridges=whatsapp,signal"]);
     assert_exit(&o, 0);
     // Selected without them: both named, with what they are and why they are needed.
-    let o = p.builder(&["build", "--profile", "vps", "--set", "bridges=telegram"]);
+    let o = p.build_with("vps", &["bridges=telegram"]);
     assert_exit(&o, 2);
     let err = stderr(&o);
     for name in ["telegram_api_id", "telegram_api_hash"] {
@@ -529,17 +523,14 @@ fn the_telegram_bridge_needs_its_credentials_and_never_echoes_them() {
     assert!(err.contains("layer bridge-telegram needs it"), "{err}");
     // Malformed: refused, and the value is not shown.
     let bad_hash = "0123456789ABCDEFxyz";
-    let o = p.builder(&[
-        "build",
-        "--profile",
+    let o = p.build_with(
         "vps",
-        "--set",
-        "bridges=telegram",
-        "--set",
-        "telegram_api_id=0",
-        "--set",
-        &format!("telegram_api_hash={bad_hash}"),
-    ]);
+        &[
+            "bridges=telegram",
+            "telegram_api_id=0",
+            &format!("telegram_api_hash={bad_hash}"),
+        ],
+    );
     assert_exit(&o, 2);
     let err = stderr(&o);
     assert!(
@@ -552,7 +543,7 @@ fn the_telegram_bridge_needs_its_credentials_and_never_echoes_them() {
     );
     assert!(!err.contains(bad_hash), "{err}");
     // An unknown bridge is named with the choices.
-    let o = p.builder(&["build", "--profile", "vps", "--set", "bridges=irc"]);
+    let o = p.build_with("vps", &["bridges=irc"]);
     assert_exit(&o, 2);
     assert!(
         stderr(&o).contains("must be one of whatsapp, telegram, signal"),

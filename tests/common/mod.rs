@@ -66,6 +66,15 @@ impl Project {
         self.command(args).output().unwrap()
     }
 
+    /// `builder build --profile PROFILE --set NAME=VALUE ...`.
+    pub fn build_with(&self, profile: &str, sets: &[&str]) -> Output {
+        let mut args = vec!["build", "--profile", profile];
+        for set in sets {
+            args.extend(["--set", set]);
+        }
+        self.builder(&args)
+    }
+
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_builder"));
         // These tests are about the bundle; the disk image (root, minutes

@@ -95,12 +95,14 @@ fn boot_times(repo: &Path) -> Result<()> {
     ensure!(status.success(), "ssh-keygen failed");
     let pubkey = fs::read_to_string(key.with_extension("pub"))?;
     let out = work.join("out");
+    // The tests' image cache: its images and disk tools root are likely there already.
+    let cache = repo.join("target/test-image-cache");
     let status = Command::new(repo.join("target/release/builder"))
         .current_dir(repo)
         .args(["--quiet", "build", "--profile", "vps-offline", "--out"])
         .arg(&out)
         .arg("--cache-dir")
-        .arg(repo.join("target/test-image-cache"))
+        .arg(&cache)
         .args(["--set", &format!("ssh_authorized_keys={}", pubkey.trim())])
         .status()?;
     ensure!(
@@ -108,7 +110,7 @@ fn boot_times(repo: &Path) -> Result<()> {
         "builder build --profile vps-offline failed"
     );
     let raw = out.join("vps-offline.raw");
-    extract_kernel(&raw, &out.join("vps-offline.manifest.json"), &work)?;
+    extract_kernel(&raw, &out.join("vps-offline.manifest.json"), &cache, &work)?;
 
     let vm = Vm::new(&tools.root, &work, &key)?;
     vm.create_disk(&raw)?;
@@ -165,16 +167,9 @@ fn boot_times(repo: &Path) -> Result<()> {
     Ok(())
 }
 
-fn repo_cache() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives in the repo")
-        .join("target/test-image-cache")
-}
-
 /// The image's own kernel and initramfs (from its ESP) and command line
 /// (from its manifest), into `work/`.
-fn extract_kernel(raw: &Path, manifest: &Path, work: &Path) -> Result<()> {
+fn extract_kernel(raw: &Path, manifest: &Path, cache: &Path, work: &Path) -> Result<()> {
     let manifest: serde_json::Value = serde_json::from_slice(&fs::read(manifest)?)?;
     let disk = &manifest["disk"];
     let esp = disk["partitions"]
@@ -183,7 +178,7 @@ fn extract_kernel(raw: &Path, manifest: &Path, work: &Path) -> Result<()> {
         .context("no ESP in the manifest")?;
     let offset = esp["offset"].as_u64().context("no ESP offset")?;
     // mtools from the builder's own tools root: the host may have no vfat.
-    let tools = fs::read_dir(repo_cache().join("disk-tools"))?
+    let tools = fs::read_dir(cache.join("disk-tools"))?
         .filter_map(|e| e.ok())
         .map(|e| e.path().join("root"))
         .find(|p| p.join("usr/bin/mcopy").exists())

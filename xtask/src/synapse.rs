@@ -99,7 +99,7 @@ fn install_wheels(
         .bytes()
         .fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(b.into()));
     let dir = repo.join(format!("target/tools/{name}-cp{py}-{tag:08x}"));
-    if dir.join(".complete").exists() || dir.join("synapse").is_dir() {
+    if dir.join(".complete").exists() {
         return Ok(dir);
     }
     eprintln!(

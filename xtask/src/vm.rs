@@ -30,6 +30,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use base64::{engine::general_purpose::STANDARD as BASE64, Engine as _};
 use serde_json::{json, Value};
 
 const PROFILE: &str = "vps-offline";
@@ -176,6 +177,8 @@ pub(crate) struct Vm {
     key: PathBuf,
     ssh_port: u16,
     https_port: u16,
+    /// qemu's accelerator: "kvm" when a probe boots with it, else "tcg".
+    accel: &'static str,
 }
 
 impl Vm {
@@ -186,6 +189,7 @@ impl Vm {
             key: key.to_path_buf(),
             ssh_port: free_port()?,
             https_port: free_port()?,
+            accel: if kvm_boots(tools) { "kvm" } else { "tcg" },
         })
     }
 
@@ -299,11 +303,11 @@ impl Vm {
             .map(|(name, content)| {
                 format!(
                     " -smbios type=11,value=io.systemd.credential.binary:{name}={}",
-                    base64(content.as_bytes())
+                    BASE64.encode(content.as_bytes())
                 )
             })
             .collect();
-        let accel = if kvm_boots(&self.tools) { "kvm" } else { "tcg" };
+        let accel = self.accel;
         let qemu = format!(
             "qemu-system-x86_64 {MACHINE} -accel {accel} \
              -nographic -no-reboot {firmware_args} \
@@ -790,23 +794,6 @@ fn in_private_mounts(script: &str) -> Command {
     cmd
 }
 
-/// Standard base64 with padding (credentials on qemu's command line).
-fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let n = chunk.iter().fold(0u32, |n, b| (n << 8) | u32::from(*b)) << (8 * (3 - chunk.len()));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -844,23 +831,4 @@ fn run_ok(cmd: &mut Command, what: &str) -> Result<()> {
     let status = cmd.status().with_context(|| format!("running {what}"))?;
     ensure!(status.success(), "{what} failed ({status})");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn base64_matches_rfc4648_vectors() {
-        let cases = [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ];
-        for (plain, encoded) in cases {
-            assert_eq!(super::base64(plain.as_bytes()), encoded, "{plain:?}");
-        }
-    }
 }
