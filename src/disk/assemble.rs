@@ -1,6 +1,7 @@
 //! The disk's two file trees, staged in a scratch directory: `root/` (the
-//! base, the layers over it, units enabled, the initramfs made, nothing
-//! machine-specific left) and `esp/` (boot loaders' files and the kernel).
+//! base, the layers over it, the embedded images unpacked into the image
+//! store, units enabled, the initramfs made, nothing machine-specific left)
+//! and `esp/` (boot loaders' files and the kernel).
 
 use std::fs;
 use std::path::Path;
@@ -9,10 +10,11 @@ use std::process::Command;
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::base::Base;
+use super::image_store;
 use super::spec::DiskSpec;
 use super::tools::Tools;
 use crate::build::write_tree;
-use crate::images::chroot;
+use crate::images::{chroot, PlannedImage};
 use crate::tree::Tree;
 
 /// Files made by package scripts that identify one machine, or are secret:
@@ -37,6 +39,7 @@ pub fn stage(
     base: &Base,
     tools: &Tools,
     merged: &Tree,
+    embedded: &[&PlannedImage],
     scratch: &Path,
     epoch: u64,
 ) -> Result<Staged> {
@@ -44,6 +47,7 @@ pub fn stage(
     let esp = scratch.join("esp");
     copy_tree(&base.root, &root)?;
     write_tree(merged, &root).context("laying the layers over the base")?;
+    image_store::make(tools, &root, embedded, scratch, epoch)?;
     configure(spec, &root, epoch)?;
     let kernel = kernel_version(&root)?;
     let cmdline = format!(

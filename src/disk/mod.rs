@@ -17,6 +17,7 @@
 
 mod assemble;
 mod base;
+mod image_store;
 mod partition;
 pub mod spec;
 mod tools;
@@ -119,7 +120,17 @@ pub fn build(
         built = true;
         let scratch = cache.temp_dir("disk-")?;
         progress.note("disk: assembling the root file system");
-        let staged = assemble::stage(&spec, &base, &tools, merged, scratch.path(), epoch)?;
+        let embedded: Vec<&crate::images::PlannedImage> =
+            plan.images.iter().filter(|i| i.source.embedded()).collect();
+        let staged = assemble::stage(
+            &spec,
+            &base,
+            &tools,
+            merged,
+            &embedded,
+            scratch.path(),
+            epoch,
+        )?;
         progress.note("disk: partitioning (systemd-repart) and installing boot loaders");
         let partitions = partition::make(&spec, &tools, scratch.path(), &seed, epoch)?;
         partition::to_qcow2(&tools, scratch.path())?;
@@ -150,7 +161,7 @@ pub fn build(
 }
 
 /// Bump when the disk image changes in a way nothing in its key shows.
-const IMAGE_VERSION: &str = "1";
+const IMAGE_VERSION: &str = "2";
 const RAW: &str = "disk.raw";
 const QCOW2: &str = "disk.qcow2";
 const INFO: &str = "info.json";

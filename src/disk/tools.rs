@@ -12,7 +12,7 @@ use crate::debian::{self, SUITE};
 use crate::progress::Progress;
 
 /// Bump when something not listed below changes what the root holds.
-const VERSION: &str = "1";
+const VERSION: &str = "2";
 
 const PACKAGES: &[&str] = &[
     "systemd",
@@ -26,6 +26,8 @@ const PACKAGES: &[&str] = &[
     "erofs-utils",
     "fdisk",
     "qemu-utils",
+    // unpacks embedded images into the disk's image store (containers-storage)
+    "skopeo",
 ];
 
 pub struct Tools {

@@ -27,6 +27,9 @@ pub fn command(
     };
     let r = text(root)?;
     let mut script = String::from("set -e\n");
+    // The root a mount point of its own: containers-storage's unpacker (in
+    // the disk's image store) remounts / and fails otherwise.
+    script += &format!("mount --bind {r} {r}\n");
     script += &format!("mount -t proc proc {r}/proc\n");
     script += &format!("mount --rbind /dev {r}/dev\n");
     script += &format!(

@@ -214,6 +214,11 @@ impl PlannedImage {
         format!("matrix-image-{}.image", self.name)
     }
 
+    /// The service quadlet makes of `image_unit`.
+    pub fn load_service(&self) -> String {
+        format!("matrix-image-{}-image.service", self.name)
+    }
+
     /// What templates see as `images.<name>`.
     pub fn template_info(&self) -> Json {
         if self.source.embedded() {
@@ -225,7 +230,7 @@ impl PlannedImage {
                 // For `podman run` in scripts, after `service` has run.
                 "ref": self.embedded_ref(),
                 "pull": "never",
-                "service": format!("matrix-image-{}-image.service", self.name),
+                "service": self.load_service(),
             })
         } else {
             json!({
