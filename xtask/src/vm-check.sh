@@ -1,0 +1,77 @@
+# vm-test's check of the appliance from the inside, for a boot that has no SSH session:
+# passed in as a systemd credential and run by vm-test-check.service once the appliance
+# says it is ready (mkosi's check-and-shutdown pattern). Prints one line on the console,
+# "vm-test-check: passed" or "vm-test-check: FAILED: <what>", never a secret; the unit then
+# powers the VM off. vm-test sets, above this text: matrix_host, room, text, identity_sha,
+# upload_limit, and defines identity() (the same command as its SSH check).
+
+problems=
+fail() { problems="$problems; $*"; }
+
+# Units: none failed but podman's health probes (transient units; one that timed out on a
+# slow emulated machine stays failed while the next ones pass: the stack's health counts).
+failed=$(systemctl list-units --failed --plain --no-legend |
+	grep -v -F '[systemd-run] /usr/bin/podman healthcheck run' | cut -d' ' -f1 | tr '\n' ' ')
+[ -z "$failed" ] || fail "failed units: $failed"
+matrixctl status >/dev/null 2>&1 || fail "matrixctl status says the stack is not healthy"
+if systemctl show -p ConditionResult matrix-firstboot-secrets.service \
+	matrix-firstboot-databases.service matrix-firstboot-admin-user.service |
+	grep -q 'ConditionResult=yes'; then
+	fail "a first-boot step ran again"
+fi
+
+# Immutable root, /var grown, the machine's identity and secrets kept.
+findmnt -no FSTYPE,OPTIONS / | grep -Eq '^erofs +(ro|ro,.*)$' || fail "the root is not a read-only erofs"
+if touch /usr/.vm-test 2>/dev/null; then fail "/usr is writable"; fi
+var_size=$(lsblk -bno SIZE /dev/disk/by-partlabel/var)
+[ "${var_size:-0}" -gt $((15 << 30)) ] || fail "/var did not grow to fill the disk (${var_size:-?} bytes)"
+[ "$(cat /etc/machine-id)" = "$(cat /var/lib/appliance/machine-id)" ] ||
+	fail "/etc/machine-id is not the machine ID kept in /var"
+[ "$( (identity) | sha256sum | cut -d' ' -f1)" = "$identity_sha" ] ||
+	fail "the machine's identity, secrets or bridge registrations changed"
+
+# Offline: only the appliance's own images, all from the OS's read-only image store; no
+# route out.
+others=$(podman images --format '{{.Repository}} {{.ReadOnly}}' |
+	grep -v '^localhost/matrix-appliance/.* true$' | tr '\n' ' ')
+[ -z "$others" ] || fail "images not from the appliance's read-only store: $others"
+if curl -sS --max-time 10 -o /dev/null https://deb.debian.org/ 2>/dev/null; then
+	fail "the VM reached the internet"
+fi
+
+# This image's settings in use.
+grep -q "client_max_body_size $upload_limit;" /usr/share/matrix-appliance/proxy/nginx.conf ||
+	fail "the proxy's upload limit is not $upload_limit"
+
+# Matrix through the proxy over TLS (trusting only the appliance's CA): the admin logs in
+# and reads back the message of the first boot.
+api() {
+	curl -sS --fail --max-time 60 --cacert /var/lib/matrix/proxy/internal-ca.crt \
+		--resolve "$matrix_host:443:127.0.0.1" "$@"
+}
+api "https://$matrix_host/_matrix/client/versions" | jq -e '.versions | length > 0' >/dev/null ||
+	fail "/_matrix/client/versions does not answer through the proxy"
+umask 077
+auth=/run/vm-test-check.auth
+jq -n --rawfile pw /var/lib/matrix/secrets/admin-password \
+	'{type: "m.login.password", identifier: {type: "m.id.user", user: "admin"},
+	  password: ($pw | rtrimstr("\n"))}' |
+	api -X POST -H 'Content-Type: application/json' --data-binary @- \
+		"https://$matrix_host/_matrix/client/v3/login" |
+	jq -r '"Authorization: Bearer " + .access_token' >"$auth" 2>/dev/null
+if grep -q 'Bearer .' "$auth" 2>/dev/null; then
+	room_path=$(printf '%s' "$room" | sed 's/!/%21/; s/:/%3A/')
+	api -H @"$auth" "https://$matrix_host/_matrix/client/v3/rooms/$room_path/messages?dir=b&limit=20" |
+		jq -e --arg text "$text" 'any(.chunk[]; .content.body == $text)' >/dev/null ||
+		fail "the first boot's message is not in its room"
+else
+	fail "the admin could not log in through the proxy"
+fi
+rm -f "$auth"
+
+if [ -z "$problems" ]; then
+	echo "vm-test-check: passed"
+else
+	echo "vm-test-check: FAILED: ${problems#; }"
+	exit 1
+fi
