@@ -533,3 +533,105 @@ fn an_archive_is_checked_and_embedded() {
     assert!(e.contains("image postgres") && e.contains("damaged"), "{e}");
     assert!(fresh.out_files().is_empty());
 }
+
+/// The disk image's load units run `embedded-image-check` (real Podman 5):
+/// a copy in Podman's own store under an embedded image's name, as an
+/// appliance that once loaded its images into /var left it, would win over
+/// the OS's read-only image store after an upgrade. The check removes it, so
+/// the name gives the OS's image again; a second run has nothing to do; an
+/// image missing from the OS's store fails, naming it.
+#[test]
+fn an_older_copy_in_var_gives_way_to_the_image_of_the_os() {
+    let work = tempfile::tempdir().unwrap();
+    let check = "/usr/libexec/matrix-appliance/embedded-image-check";
+    let script = format!(
+        r#"set -eu
+cd /work
+mkdir new old
+echo new >new/which
+echo old >old/which
+tar -C new -cf new.tar .
+tar -C old -cf old.tar .
+# The OS's store, as the build makes it.
+podman --root /work/os-store import -q new.tar {REF} >/dev/null
+cat >storage.conf <<'CONF'
+[storage]
+driver = "overlay"
+runroot = "/run/containers/storage"
+graphroot = "/work/var-store"
+[storage.options]
+additionalimagestores = ["/work/os-store"]
+CONF
+export CONTAINERS_STORAGE_CONF=/work/storage.conf
+want=$(podman image inspect --format '{{{{.Id}}}}' {REF})
+# The older copy in /var.
+podman import -q old.tar {REF} >/dev/null
+echo "before: $(podman image inspect --format '{{{{.Id}}}}' {REF})"
+echo "want: $want"
+echo "== first"
+sh {check} {REF} "$want"
+echo "== second"
+sh {check} {REF} "$want"
+echo "after: $(podman image inspect --format '{{{{.Id}}}}' {REF})"
+podman images --format 'listed: {{{{.Repository}}}} {{{{.ReadOnly}}}}'
+echo "== missing"
+sh {check} localhost/matrix-appliance/absent:embedded "$want" 2>&1 || echo "exit $?"
+"#,
+        REF = "localhost/matrix-appliance/demo:embedded",
+    );
+    let tools = ToolsRoot::get();
+    let sandbox = Sandbox {
+        trees: vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("layers/os-debian/root")],
+        binds: vec![
+            (work.path().to_path_buf(), "/work".into()),
+            ("/sys".into(), "/sys".into()),
+        ],
+        offline: true,
+    };
+    let o = tools
+        .command_in(&sandbox, "sh", &["-c", &script])
+        .output()
+        .unwrap();
+    let out = stdout(&o);
+    assert!(o.status.success(), "{out}\n{}", stderr(&o));
+    let field = |key: &str| -> String {
+        out.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key:?} in:\n{out}"))
+            .trim()
+            .to_string()
+    };
+    let (before, want, after) = (field("before:"), field("want:"), field("after:"));
+    assert_eq!(want.len(), 64, "{out}");
+    assert_ne!(
+        before, want,
+        "the older copy should win before the check:\n{out}"
+    );
+    assert_eq!(after, want, "{out}");
+    let section = |name: &str| -> &str {
+        let start = out.find(&format!("== {name}\n")).unwrap() + name.len() + 4;
+        let rest = &out[start..];
+        &rest[..rest.find("\n==").map_or(rest.len(), |i| i + 1)]
+    };
+    assert!(
+        section("first").contains(&format!("image {before}, not this OS's {want}: removing")),
+        "{out}"
+    );
+    assert!(
+        !section("second").contains("removing"),
+        "the second run should find the OS's image:\n{out}"
+    );
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.starts_with("listed:"))
+            .collect::<Vec<_>>(),
+        ["listed: localhost/matrix-appliance/demo true"],
+        "only the OS's read-only copy is left:\n{out}"
+    );
+    let missing = section("missing");
+    assert!(
+        missing.contains("absent:embedded is not in the image store of the OS")
+            && missing.contains("exit 1"),
+        "{out}"
+    );
+}

@@ -5,7 +5,7 @@
 //! immutable OS (bootc's "physically bound images"), nothing is copied or
 //! unpacked into /var at boot, and an upgraded OS brings its own. The OCI
 //! layout then leaves the disk, and each image's load unit only checks that
-//! its image is there.
+//! its name gives the store's image (Podman's own store in /var would win).
 //!
 //! containers-storage records a few things that differ between two runs:
 //! layers' creation times, the random short names overlay gives the layers'
@@ -90,25 +90,53 @@ pub fn make(
     fs::create_dir_all(conf.parent().expect("a parent"))?;
     fs::write(&conf, STORAGE_CONF)?;
     for image in images {
+        let reference = image.embedded_ref();
+        let id = image_id(&root.join(STORE_DIR), &reference)?;
         let dir = root.join(format!("usr/lib/systemd/system/{}.d", image.load_service()));
         fs::create_dir_all(&dir)?;
-        fs::write(dir.join("50-image-store.conf"), load_unit_dropin(image))?;
+        fs::write(
+            dir.join("50-image-store.conf"),
+            load_unit_dropin(&image.name, &reference, &id),
+        )?;
     }
     Ok(())
 }
 
 /// The load unit (quadlet's `podman image pull` from the layout) becomes a
-/// check that the image is in the store.
-fn load_unit_dropin(image: &PlannedImage) -> String {
+/// check that the name gives the store's image (`embedded-image-check` of
+/// the os-debian layer, which also removes an older copy from /var).
+fn load_unit_dropin(name: &str, reference: &str, id: &str) -> String {
     format!(
         "# Written by builder for the disk image: {name} is in the read-only image store of\n\
-         # the OS (/{STORE_DIR}), so there is nothing to load, only to check it is there.\n\
+         # the OS (/{STORE_DIR}), so there is nothing to load, only to check that its name\n\
+         # gives that image ({id}).\n\
          [Service]\n\
          ExecStart=\n\
-         ExecStart=/usr/bin/podman image exists {reference}\n",
-        name = image.name,
-        reference = image.embedded_ref(),
+         ExecStart={CHECK_PROGRAM} {reference} {id}\n",
     )
+}
+
+/// The program the load units run (a file of the os-debian layer).
+const CHECK_PROGRAM: &str = "/usr/libexec/matrix-appliance/embedded-image-check";
+
+/// The ID containers-storage gave the image named `reference` in `store`.
+fn image_id(store: &Path, reference: &str) -> Result<String> {
+    let path = store.join("overlay-images/images.json");
+    let images: Value = serde_json::from_slice(&fs::read(&path)?)
+        .with_context(|| format!("reading {}", path.display()))?;
+    images
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|image| {
+            image["names"]
+                .as_array()
+                .is_some_and(|names| names.iter().any(|n| n == reference))
+        })
+        .and_then(|image| image["id"].as_str())
+        .filter(|id| id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(str::to_string)
+        .with_context(|| format!("{} lists no image named {reference}", path.display()))
 }
 
 /// Makes what containers-storage records run-dependent fixed: every layer's
@@ -299,6 +327,39 @@ mod tests {
         assert_eq!(
             fs::read(one.join("overlay-layers/layers.lock")).unwrap(),
             b""
+        );
+    }
+
+    #[test]
+    fn the_load_unit_checks_the_image_id_the_store_gave_the_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = tmp.path();
+        fs::create_dir_all(store.join("overlay-images")).unwrap();
+        let (synapse, postgres) = ("5e".repeat(32), "db".repeat(32));
+        fs::write(
+            store.join("overlay-images/images.json"),
+            format!(
+                r#"[{{"id":"{postgres}","names":["localhost/matrix-appliance/postgres:embedded"]}},
+                   {{"id":"{synapse}","names":["localhost/matrix-appliance/synapse:embedded"]}}]"#
+            ),
+        )
+        .unwrap();
+        let reference = "localhost/matrix-appliance/synapse:embedded";
+        let id = image_id(store, reference).unwrap();
+        assert_eq!(id, synapse);
+        let dropin = load_unit_dropin("synapse", reference, &id);
+        assert!(
+            dropin.contains(&format!(
+                "\nExecStart=\nExecStart={CHECK_PROGRAM} {reference} {synapse}\n"
+            )),
+            "{dropin}"
+        );
+        let missing = image_id(store, "localhost/matrix-appliance/nginx:embedded").unwrap_err();
+        assert!(
+            missing
+                .to_string()
+                .contains("lists no image named localhost/matrix-appliance/nginx:embedded"),
+            "{missing}"
         );
     }
 

@@ -3,7 +3,7 @@
 # says it is ready (mkosi's check-and-shutdown pattern). Prints one line on the console,
 # "vm-test-check: passed" or "vm-test-check: FAILED: <what>", never a secret; the unit then
 # powers the VM off. vm-test sets, above this text: matrix_host, room, text, identity_sha,
-# upload_limit, and defines identity() (the same command as its SSH check).
+# upload_limit, stale_image, and defines identity() (the same command as its SSH check).
 
 problems=
 fail() { problems="$problems; $*"; }
@@ -35,6 +35,10 @@ var_size=$(lsblk -bno SIZE /dev/disk/by-partlabel/var)
 others=$(podman images --format '{{.Repository}} {{.ReadOnly}}' |
 	grep -v '^localhost/matrix-appliance/.* true$' | tr '\n' ' ')
 [ -z "$others" ] || fail "images not from the appliance's read-only store: $others"
+# The reboot left an older copy of one of them in /var: its load unit removed it.
+stale_unit=matrix-image-$(echo "$stale_image" | sed 's|.*/||; s|:.*||')-image.service
+journalctl -b -o cat -u "$stale_unit" | grep -q 'removing that copy' ||
+	fail "$stale_unit did not remove the older copy of $stale_image in /var"
 if curl -sS --max-time 10 -o /dev/null https://deb.debian.org/ 2>/dev/null; then
 	fail "the VM reached the internet"
 fi

@@ -22,7 +22,9 @@
 //! the Telegram bridge's bot (its image built locally and embedded) answers
 //! `help`; the reboot reads the message back and finds the same machine ID,
 //! SSH host key, secrets and bridge registrations, with no first-boot step
-//! run again. The upgrade is checked from the inside with no SSH at all: a
+//! run again, then leaves another image under Synapse's name in /var (as an
+//! appliance that once loaded its images there has), which the upgrade must
+//! remove to run its own. The upgrade is checked from the inside with no SSH at all: a
 //! unit passed in as systemd credentials runs the same checks
 //! (vm-check.sh), prints the verdict on the serial console and powers the
 //! VM off (mkosi's check-and-shutdown pattern). qemu uses KVM when a probe
@@ -150,6 +152,7 @@ pub fn run(args: &[String]) -> Result<()> {
     vm.check_system()?;
     vm.check_same_machine(&before)?;
     vm.check_matrix(Some(&room))?;
+    vm.leave_older_synapse_copy()?;
     vm.shutdown(qemu)?;
 
     // An upgrade: a newer image (another upload limit) written over the ESP,
@@ -282,6 +285,24 @@ impl Vm {
         ensure!(
             !ran.contains("ConditionResult=yes"),
             "a first-boot step ran again:\n{ran}"
+        );
+        Ok(())
+    }
+
+    /// Leaves in Podman's own store (/var) another image under Synapse's
+    /// embedded name, as an appliance that once loaded its images into /var
+    /// has there: it would win over the OS's image store, so the upgraded
+    /// boot must remove it (embedded-image-check) and run the OS's Synapse.
+    fn leave_older_synapse_copy(&self) -> Result<()> {
+        let planted = self.ssh(&format!(
+            "set -e; d=$(mktemp -d); echo older >$d/which; tar -C $d -cf $d.tar .;              podman import -q $d.tar {STALE_IMAGE} >/dev/null; rm -r $d $d.tar;              podman images --format '{{{{.Repository}}}} {{{{.ReadOnly}}}}' {STALE_IMAGE}"
+        ))?;
+        ensure!(
+            planted.contains(&format!(
+                "{} false",
+                STALE_IMAGE.trim_end_matches(":embedded")
+            )),
+            "could not leave an older copy of {STALE_IMAGE} in /var: {planted}"
         );
         Ok(())
     }
@@ -757,6 +778,9 @@ const IDENTITY: &str = "cat /etc/machine-id; \
      cd /var/lib/matrix && find secrets synapse/secrets synapse/appservices bridges/*/secrets \
      -type f ! -name matrixctl-token -exec sha256sum {} + | sort -k2";
 
+/// The embedded image the reboot leaves an older copy of in /var.
+const STALE_IMAGE: &str = "localhost/matrix-appliance/synapse:embedded";
+
 /// What the inside check prints on the console, then "passed" or "FAILED: ...".
 const CHECK_MARKER: &str = "vm-test-check: ";
 
@@ -791,7 +815,8 @@ ExecStart=/bin/sh %d/vm-test-check.sh
         let (room, text) = self.room;
         format!(
             "matrix_host='{MATRIX_HOST}'\nroom='{room}'\ntext='{text}'\n\
-             identity_sha='{}'\nupload_limit='{}'\nidentity() {{ {IDENTITY}; }}\n{}",
+             identity_sha='{}'\nupload_limit='{}'\nstale_image='{STALE_IMAGE}'\n\
+             identity() {{ {IDENTITY}; }}\n{}",
             self.identity_sha,
             self.upload_limit,
             include_str!("vm-check.sh")
