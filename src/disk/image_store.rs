@@ -84,14 +84,16 @@ pub fn make(
             ),
         )?;
     }
-    normalize(&root.join(STORE_DIR), epoch)?;
+    let store = root.join(STORE_DIR);
+    normalize(&store, epoch)?;
     fs::remove_dir_all(root.join(LAYOUT_DIR)).context("removing the OCI layout from the disk")?;
     let conf = root.join("etc/containers/storage.conf");
     fs::create_dir_all(conf.parent().expect("a parent"))?;
     fs::write(&conf, STORAGE_CONF)?;
+    let listed = StoreImages::read(&store)?;
     for image in images {
         let reference = image.embedded_ref();
-        let id = image_id(&root.join(STORE_DIR), &reference)?;
+        let id = listed.id(&reference)?;
         let dir = root.join(format!("usr/lib/systemd/system/{}.d", image.load_service()));
         fs::create_dir_all(&dir)?;
         fs::write(
@@ -119,24 +121,36 @@ fn load_unit_dropin(name: &str, reference: &str, id: &str) -> String {
 /// The program the load units run (a file of the os-debian layer).
 const CHECK_PROGRAM: &str = "/usr/libexec/matrix-appliance/embedded-image-check";
 
-/// The ID containers-storage gave the image named `reference` in `store`.
-fn image_id(store: &Path, reference: &str) -> Result<String> {
-    let path = store.join("overlay-images/images.json");
-    let images: Value = serde_json::from_slice(&fs::read(&path)?)
-        .with_context(|| format!("reading {}", path.display()))?;
-    images
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|image| {
-            image["names"]
-                .as_array()
-                .is_some_and(|names| names.iter().any(|n| n == reference))
-        })
-        .and_then(|image| image["id"].as_str())
-        .filter(|id| id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()))
-        .map(str::to_string)
-        .with_context(|| format!("{} lists no image named {reference}", path.display()))
+/// The images a store lists (`overlay-images/images.json`).
+struct StoreImages {
+    path: std::path::PathBuf,
+    images: Value,
+}
+
+impl StoreImages {
+    fn read(store: &Path) -> Result<StoreImages> {
+        let path = store.join("overlay-images/images.json");
+        let images = serde_json::from_slice(&fs::read(&path)?)
+            .with_context(|| format!("reading {}", path.display()))?;
+        Ok(StoreImages { path, images })
+    }
+
+    /// The ID containers-storage gave the image named `reference`.
+    fn id(&self, reference: &str) -> Result<String> {
+        self.images
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|image| {
+                image["names"]
+                    .as_array()
+                    .is_some_and(|names| names.iter().any(|n| n == reference))
+            })
+            .and_then(|image| image["id"].as_str())
+            .filter(|id| id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(str::to_string)
+            .with_context(|| format!("{} lists no image named {reference}", self.path.display()))
+    }
 }
 
 /// Makes what containers-storage records run-dependent fixed: every layer's
@@ -345,7 +359,8 @@ mod tests {
         )
         .unwrap();
         let reference = "localhost/matrix-appliance/synapse:embedded";
-        let id = image_id(store, reference).unwrap();
+        let listed = StoreImages::read(store).unwrap();
+        let id = listed.id(reference).unwrap();
         assert_eq!(id, synapse);
         let dropin = load_unit_dropin("synapse", reference, &id);
         assert!(
@@ -354,7 +369,9 @@ mod tests {
             )),
             "{dropin}"
         );
-        let missing = image_id(store, "localhost/matrix-appliance/nginx:embedded").unwrap_err();
+        let missing = listed
+            .id("localhost/matrix-appliance/nginx:embedded")
+            .unwrap_err();
         assert!(
             missing
                 .to_string()
