@@ -156,6 +156,7 @@ impl Cache {
         let parent = self.root.join(group);
         let dir = parent.join(key.hex());
         if dir.is_dir() {
+            touch(&dir);
             return Ok(dir);
         }
         fs::create_dir_all(&parent)
@@ -170,6 +171,59 @@ impl Cache {
             Err(_) if dir.is_dir() => Ok(dir),
             Err(e) => Err(e).with_context(|| format!("moving a built tree to {}", dir.display())),
         }
+    }
+
+    /// [`Cache::dir_or_build`] for big entries (finished disk images, a GB
+    /// or more each): once a new one is built, only the `keep` most recently
+    /// used of the group stay; the others are removed.
+    pub fn dir_or_build_keeping(
+        &self,
+        group: &str,
+        key: &Digest,
+        keep: usize,
+        build: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<PathBuf> {
+        let mut built = false;
+        let dir = self.dir_or_build(group, key, |dir| {
+            built = true;
+            build(dir)
+        })?;
+        if built {
+            touch(&dir);
+            self.evict(group, keep, &dir)?;
+        }
+        Ok(dir)
+    }
+
+    /// Removes all but the `keep` most recently used entries of `group`
+    /// (never `current`).
+    fn evict(&self, group: &str, keep: usize, current: &Path) -> Result<()> {
+        let parent = self.root.join(group);
+        let mut entries = Vec::new();
+        for entry in fs::read_dir(&parent)
+            .with_context(|| format!("listing cache directory {}", parent.display()))?
+        {
+            let path = entry?.path();
+            if path == current {
+                continue;
+            }
+            // Gone already: another build evicted it.
+            if let Ok(used) = fs::metadata(&path).and_then(|m| m.modified()) {
+                entries.push((used, path));
+            }
+        }
+        // Newest first; `current` is the newest of all and takes one place.
+        entries.sort_by(|a, b| b.cmp(a));
+        for (_, path) in entries.into_iter().skip(keep.saturating_sub(1)) {
+            match fs::remove_dir_all(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(e)
+                        .with_context(|| format!("removing old cache entry {}", path.display()))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Whether an intact blob of this digest and size is stored (re-hashed).
@@ -304,5 +358,76 @@ impl Cache {
             .persist(self.record_path(key))
             .context("storing a cache record")?;
         Ok(packed)
+    }
+}
+
+/// Marks a cached entry as used now (its mtime orders eviction). Failing to
+/// only makes it look older, so the error is ignored.
+// The clock orders cache use only; nothing built reads it.
+#[allow(clippy::disallowed_methods)]
+fn touch(dir: &Path) {
+    if let Ok(f) = File::open(dir) {
+        let _ = f.set_modified(std::time::SystemTime::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    fn key(n: u8) -> Digest {
+        Digest::of(&[n])
+    }
+
+    /// Marks `dir` as last used `secs` before a fixed past time.
+    fn age(dir: &Path, secs: u64) {
+        File::open(dir)
+            .unwrap()
+            .set_modified(UNIX_EPOCH + Duration::from_secs(1_700_000_000 - secs))
+            .unwrap();
+    }
+
+    #[test]
+    fn a_new_big_entry_evicts_the_least_recently_used_beyond_the_limit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::open(tmp.path().join("cache")).unwrap();
+        let build = |n: u8| {
+            cache
+                .dir_or_build_keeping("big", &key(n), 3, |dir| {
+                    fs::write(dir.join("image"), [n])?;
+                    Ok(())
+                })
+                .unwrap()
+        };
+        let (one, two, three) = (build(1), build(2), build(3));
+        age(&one, 300);
+        age(&two, 200);
+        age(&three, 100);
+        // A hit on the oldest makes it the most recently used.
+        assert_eq!(build(1), one);
+        let four = build(4);
+        assert!(!two.exists(), "the least recently used entry stays");
+        for kept in [&one, &three, &four] {
+            assert!(
+                kept.join("image").is_file(),
+                "{} was removed",
+                kept.display()
+            );
+        }
+        assert_eq!(fs::read(four.join("image")).unwrap(), [4]);
+    }
+
+    #[test]
+    fn a_hit_evicts_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::open(tmp.path().join("cache")).unwrap();
+        let dirs: Vec<PathBuf> = (1..=3)
+            .map(|n| cache.dir_or_build("big", &key(n), |_| Ok(())).unwrap())
+            .collect();
+        cache
+            .dir_or_build_keeping("big", &key(1), 1, |_| panic!("built again"))
+            .unwrap();
+        assert!(dirs.iter().all(|d| d.is_dir()));
     }
 }

@@ -116,38 +116,39 @@ pub fn build(
         .add(seed.as_bytes())
         .add_tree(merged);
     let mut built = false;
-    let dir = cache.dir_or_build("disk-image", &key.finish(), |dir: &Path| {
-        built = true;
-        let scratch = cache.temp_dir("disk-")?;
-        progress.note("disk: assembling the root file system");
-        let embedded: Vec<&crate::images::PlannedImage> =
-            plan.images.iter().filter(|i| i.source.embedded()).collect();
-        let staged = assemble::stage(
-            &spec,
-            &base,
-            &tools,
-            merged,
-            &embedded,
-            scratch.path(),
-            epoch,
-        )?;
-        progress.note("disk: partitioning (systemd-repart) and installing boot loaders");
-        let partitions = partition::make(&spec, &tools, scratch.path(), &seed, epoch)?;
-        partition::to_qcow2(&tools, scratch.path())?;
-        let raw = scratch.path().join("disk.raw");
-        let info = DiskInfo {
-            suite: crate::debian::SUITE.to_string(),
-            kernel: staged.kernel,
-            kernel_cmdline: staged.cmdline,
-            packages: base.packages.clone(),
-            partitions,
-            size: fs::metadata(&raw)?.len(),
-        };
-        fs::rename(&raw, dir.join(RAW))?;
-        fs::rename(scratch.path().join("disk.qcow2"), dir.join(QCOW2))?;
-        fs::write(dir.join(INFO), serde_json::to_vec_pretty(&info)?)?;
-        Ok(())
-    })?;
+    let dir =
+        cache.dir_or_build_keeping("disk-image", &key.finish(), KEPT_IMAGES, |dir: &Path| {
+            built = true;
+            let scratch = cache.temp_dir("disk-")?;
+            progress.note("disk: assembling the root file system");
+            let embedded: Vec<&crate::images::PlannedImage> =
+                plan.images.iter().filter(|i| i.source.embedded()).collect();
+            let staged = assemble::stage(
+                &spec,
+                &base,
+                &tools,
+                merged,
+                &embedded,
+                scratch.path(),
+                epoch,
+            )?;
+            progress.note("disk: partitioning (systemd-repart) and installing boot loaders");
+            let partitions = partition::make(&spec, &tools, scratch.path(), &seed, epoch)?;
+            partition::to_qcow2(&tools, scratch.path())?;
+            let raw = scratch.path().join("disk.raw");
+            let info = DiskInfo {
+                suite: crate::debian::SUITE.to_string(),
+                kernel: staged.kernel,
+                kernel_cmdline: staged.cmdline,
+                packages: base.packages.clone(),
+                partitions,
+                size: fs::metadata(&raw)?.len(),
+            };
+            fs::rename(&raw, dir.join(RAW))?;
+            fs::rename(scratch.path().join("disk.qcow2"), dir.join(QCOW2))?;
+            fs::write(dir.join(INFO), serde_json::to_vec_pretty(&info)?)?;
+            Ok(())
+        })?;
     if !built {
         progress.note("disk: cached (the same inputs as before)");
     }
@@ -160,6 +161,10 @@ pub fn build(
     })
 }
 
+/// Finished images kept in the cache (the most recently used): enough for a
+/// few profiles or sites built in turn, while a cache that gains a GB with
+/// every changed value stays bounded.
+const KEPT_IMAGES: usize = 3;
 /// Bump when the disk image changes in a way nothing in its key shows.
 const IMAGE_VERSION: &str = "2";
 const RAW: &str = "disk.raw";
