@@ -116,7 +116,7 @@ fn boot_times(repo: &Path) -> Result<()> {
     );
     let raw = out.join("vps-offline.raw");
 
-    let vm = Vm::new(&tools.root, &work, &key)?;
+    let mut vm = Vm::new(&tools.root, &work, &key)?;
     vm.create_disk(&raw)?;
     let mut qemu = vm.boot(Firmware::Uefi)?;
     let first = to_marker(&vm, &mut qemu, crate::vm::READY)?;

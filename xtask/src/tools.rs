@@ -51,6 +51,8 @@ const PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "ovmf",
     "seabios",
+    // qemu-img: the VM test boots the qcow2 through an overlay
+    "qemu-utils",
     // what mautrix-telegram (PyPI wheels) needs from Debian, as in its image: pyaes (an sdist
     // on PyPI) and libmagic for python-magic
     "python3-pyaes",

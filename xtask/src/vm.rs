@@ -2,7 +2,8 @@
 //!
 //! Builds `vps-offline` (every container image embedded, internal CA) with a
 //! fresh SSH key, twice (the second time with the Debian base made anew:
-//! the raw and qcow2 files must be byte-identical), and boots its raw image, on a 20 GiB disk, under qemu with
+//! the raw and qcow2 files must be byte-identical), and boots its qcow2 image
+//! (the backing file of a 20 GiB overlay; made raw for the upgrade) under qemu with
 //! no route anywhere (user networking with `restrict=on`; only loopback
 //! ports forwarded to the VM's 22 and 443):
 //!
@@ -130,8 +131,10 @@ pub fn run(args: &[String]) -> Result<()> {
     fs::remove_dir_all(&again)?;
     eprintln!("vm-test: a second build from a new base is byte-identical");
 
-    let vm = Vm::new(&tools.root, &work, &key)?;
-    vm.create_disk(&first_image.join(format!("{PROFILE}.raw")))?;
+    // The qcow2, as a VPS provider takes it, boots first and reboots; the
+    // upgrade writes raw partitions over the same disk made raw.
+    let mut vm = Vm::new(&tools.root, &work, &key)?;
+    vm.create_disk(&first_image.join(format!("{PROFILE}.qcow2")))?;
     // From here on only the manifest's partition table is read: the rest
     // (~1.5 GB) would only crowd a CI machine's disk.
     remove_images(&first_image, &["raw", "qcow2", "bundle.tar"])?;
@@ -206,6 +209,7 @@ pub(crate) struct Vm {
     tools: PathBuf,
     work: PathBuf,
     key: PathBuf,
+    disk: Disk,
     ssh_port: u16,
     https_port: u16,
     /// qemu's accelerator: "kvm" when a probe boots with it, else "tcg".
@@ -218,6 +222,7 @@ impl Vm {
             tools: tools.to_path_buf(),
             work: work.to_path_buf(),
             key: key.to_path_buf(),
+            disk: Disk::Raw,
             ssh_port: free_port()?,
             https_port: free_port()?,
             accel: if kvm_boots(tools) { "kvm" } else { "tcg" },
@@ -229,10 +234,25 @@ impl Vm {
         self.accel
     }
 
-    /// The raw image on a 20 GiB disk (a sparse copy), so first boot also
-    /// has to grow /var into the larger disk.
-    pub(crate) fn create_disk(&self, image: &Path) -> Result<()> {
-        let disk = self.work.join("disk.raw");
+    /// The built image on a 20 GiB disk, so first boot also has to grow
+    /// /var into the larger disk: a qcow2 image is the backing file of a
+    /// qcow2 overlay (the image itself is read, never written), a raw one
+    /// is copied sparsely.
+    pub(crate) fn create_disk(&mut self, image: &Path) -> Result<()> {
+        if image.extension().is_some_and(|e| e == "qcow2") {
+            let base = self.work.join(QCOW2_BASE);
+            let _ = fs::remove_file(&base);
+            fs::hard_link(image, &base)
+                .or_else(|_| fs::copy(image, &base).map(drop))
+                .with_context(|| format!("copying {}", image.display()))?;
+            self.qemu_img(&format!(
+                "create -q -f qcow2 -F qcow2 -b {QCOW2_BASE} {} 20G",
+                Disk::Qcow2.file()
+            ))?;
+            self.disk = Disk::Qcow2;
+            return Ok(());
+        }
+        let disk = self.work.join(Disk::Raw.file());
         run_ok(
             Command::new("cp")
                 .arg("--sparse=always")
@@ -244,13 +264,41 @@ impl Vm {
             .write(true)
             .open(&disk)?
             .set_len(20 << 30)?;
+        self.disk = Disk::Raw;
         Ok(())
+    }
+
+    /// A qcow2 disk becomes a raw one with the same contents (sparse).
+    fn make_disk_raw(&mut self) -> Result<()> {
+        if self.disk == Disk::Raw {
+            return Ok(());
+        }
+        self.qemu_img(&format!(
+            "convert -q -f qcow2 -O raw {} {}",
+            Disk::Qcow2.file(),
+            Disk::Raw.file()
+        ))?;
+        fs::remove_file(self.work.join(Disk::Qcow2.file()))?;
+        fs::remove_file(self.work.join(QCOW2_BASE))?;
+        self.disk = Disk::Raw;
+        Ok(())
+    }
+
+    /// `qemu-img ARGS` from the tools root, in the work directory.
+    fn qemu_img(&self, args: &str) -> Result<()> {
+        let script = format!(
+            "set -e\nmkdir -p {t}/work\nmount --bind {w} {t}/work\n\
+             exec chroot {t} sh -c 'cd /work && exec qemu-img {args}'",
+            t = self.tools.display(),
+            w = self.work.display()
+        );
+        run_ok(&mut in_private_mounts(&script), &format!("qemu-img {args}"))
     }
 
     /// Writes the newer image's ESP, BIOS boot and root partitions over the
     /// disk's, at the offsets both manifests give (they must agree), the
     /// way an admin upgrades with dd.
-    fn write_os_partitions(&self, newer: &Path, older: &Path) -> Result<()> {
+    fn write_os_partitions(&mut self, newer: &Path, older: &Path) -> Result<()> {
         let parts = |dir: &Path| -> Result<Vec<(String, u64, u64)>> {
             let manifest: Value =
                 serde_json::from_slice(&fs::read(dir.join(format!("{PROFILE}.manifest.json")))?)?;
@@ -272,10 +320,11 @@ impl Vm {
             new_parts == old_parts,
             "the newer image's partitions differ from the installed one's: {new_parts:?} vs {old_parts:?}"
         );
+        self.make_disk_raw()?;
         let src = fs::File::open(newer.join(format!("{PROFILE}.raw")))?;
         let dst = fs::OpenOptions::new()
             .write(true)
-            .open(self.work.join("disk.raw"))?;
+            .open(self.work.join(Disk::Raw.file()))?;
         for (label, offset, size) in new_parts.iter().filter(|p| p.0 != "var") {
             copy_range(&src, &dst, *offset, *size)
                 .with_context(|| format!("writing partition {label}"))?;
@@ -362,10 +411,11 @@ impl Vm {
             smbios += &format!(" -smbios type=11,path=/work/{file}");
         }
         let accel = self.accel;
+        let (disk, format) = (self.disk.file(), self.disk.format());
         let qemu = format!(
             "qemu-system-x86_64 {MACHINE} -accel {accel} \
              -nographic -no-reboot {firmware_args} \
-             -drive if=virtio,file=/work/disk.raw,format=raw \
+             -drive if=virtio,file=/work/{disk},format={format} \
              -netdev user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{}-:22,hostfwd=tcp:127.0.0.1:{}-:443 \
              -device virtio-net-pci,netdev=n0,romfile= \
              -serial file:/work/serial.log -monitor none -display none{smbios}",
@@ -922,6 +972,33 @@ fn in_private_mounts(script: &str) -> Command {
         script,
     ]);
     cmd
+}
+
+/// The VM's disk in the work directory.
+#[derive(Clone, Copy, PartialEq)]
+enum Disk {
+    /// An overlay whose backing file is the built qcow2 ([`QCOW2_BASE`]).
+    Qcow2,
+    Raw,
+}
+
+/// The built qcow2 image under the overlay, in the work directory.
+const QCOW2_BASE: &str = "image.qcow2";
+
+impl Disk {
+    fn file(self) -> &'static str {
+        match self {
+            Disk::Qcow2 => "disk.qcow2",
+            Disk::Raw => "disk.raw",
+        }
+    }
+
+    fn format(self) -> &'static str {
+        match self {
+            Disk::Qcow2 => "qcow2",
+            Disk::Raw => "raw",
+        }
+    }
 }
 
 fn free_port() -> Result<u16> {
