@@ -5,7 +5,7 @@
 //! the raw and qcow2 files must be byte-identical), and boots its qcow2 image
 //! (the backing file of a 20 GiB overlay; made raw for the upgrade) under qemu with
 //! no route anywhere (user networking with `restrict=on`; only loopback
-//! ports forwarded to the VM's 22 and 443):
+//! ports forwarded to the VM's 22, 443 and a port the firewall must drop):
 //!
 //! 1. UEFI (OVMF), first boot;
 //! 2. the same disk with legacy BIOS (SeaBIOS): the reboot;
@@ -19,7 +19,9 @@
 //! grown to the disk, only the appliance's images, all in the OS's
 //! read-only image store (no OCI layout on the disk), Matrix over
 //! TLS through the proxy (trusting only the appliance's CA), `.well-known`,
-//! the admin logging in. The first boot creates a room and a message, and
+//! the admin logging in. The first boot also probes the firewall (an echo
+//! service on a closed port answers inside, not from outside until a rule
+//! accepts the port), creates a room and a message, and
 //! the Telegram bridge's bot (its image built locally and embedded) answers
 //! `help`; the reboot reads the message back and finds the same machine ID,
 //! SSH host key, secrets and bridge registrations, with no first-boot step
@@ -32,6 +34,7 @@
 //! boots with it, else TCG.
 
 use std::fs;
+use std::io::{Read as _, Write as _};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -147,6 +150,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let before = vm.identity()?;
     let before_sha = vm.ssh(&format!("({IDENTITY}) | sha256sum | cut -d' ' -f1"))?;
     let before_sha = before_sha.trim().to_string();
+    vm.check_firewall()?;
     let room = vm.check_matrix(None)?;
     vm.check_telegram_bridge()?;
     vm.shutdown(qemu)?;
@@ -212,6 +216,8 @@ pub(crate) struct Vm {
     disk: Disk,
     ssh_port: u16,
     https_port: u16,
+    /// Forwarded to [`PROBE_PORT`], which the firewall must drop.
+    probe_port: u16,
     /// qemu's accelerator: "kvm" when a probe boots with it, else "tcg".
     accel: &'static str,
 }
@@ -225,6 +231,7 @@ impl Vm {
             disk: Disk::Raw,
             ssh_port: free_port()?,
             https_port: free_port()?,
+            probe_port: free_port()?,
             accel: if kvm_boots(tools) { "kvm" } else { "tcg" },
         })
     }
@@ -416,10 +423,10 @@ impl Vm {
             "qemu-system-x86_64 {MACHINE} -accel {accel} \
              -nographic -no-reboot {firmware_args} \
              -drive if=virtio,file=/work/{disk},format={format} \
-             -netdev user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{}-:22,hostfwd=tcp:127.0.0.1:{}-:443 \
+             -netdev user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{}-:22,hostfwd=tcp:127.0.0.1:{}-:443,hostfwd=tcp:127.0.0.1:{}-:{PROBE_PORT} \
              -device virtio-net-pci,netdev=n0,romfile= \
              -serial file:/work/serial.log -monitor none -display none{smbios}",
-            self.ssh_port, self.https_port
+            self.ssh_port, self.https_port, self.probe_port
         );
         let how = match firmware {
             Firmware::Uefi => "UEFI",
@@ -582,6 +589,47 @@ impl Vm {
         let key_login =
             self.ssh("grep -c '^PasswordAuthentication no' /etc/ssh/sshd_config.d/appliance.conf")?;
         ensure!(key_login.trim() == "1", "password login is not off");
+        Ok(())
+    }
+
+    /// The firewall drops what comes in on a port the appliance does not
+    /// open: an echo service on [`PROBE_PORT`] answers on loopback but not
+    /// from outside, until a rule accepts the port (so the probe can tell).
+    fn check_firewall(&self) -> Result<()> {
+        self.ssh(&format!(
+            "systemd-run --quiet --unit=vm-test-echo systemd-socket-activate \
+             --listen={PROBE_PORT} --accept --inetd cat"
+        ))?;
+        // Retried while the listener comes up.
+        let inside = self.ssh(&format!(
+            "for i in $(seq 30); do \
+               echo ping | timeout 20 bash -c 'exec 3<>/dev/tcp/127.0.0.1/{PROBE_PORT} \
+                 && cat >&3 && head -c 4 <&3' 2>/dev/null && exit 0; sleep 1; \
+             done; true"
+        ))?;
+        ensure!(
+            inside.trim() == "ping",
+            "the echo service on {PROBE_PORT} does not answer inside the VM: {inside:?}"
+        );
+        ensure!(
+            !echoes(self.probe_port),
+            "the firewall let a connection to port {PROBE_PORT} in (only 22, 80, 443 and 8448 may be open)"
+        );
+        self.ssh(&format!(
+            "nft insert rule inet appliance input tcp dport {PROBE_PORT} accept"
+        ))?;
+        let answered = echoes(self.probe_port);
+        // The appliance's own ruleset again (the file replaces its table).
+        self.ssh(
+            "nft -f /etc/nftables.conf && systemctl stop vm-test-echo; \
+             systemctl reset-failed vm-test-echo 2>/dev/null || true",
+        )?;
+        ensure!(
+            answered,
+            "port {PROBE_PORT} gave no answer from outside even with a rule accepting it: \
+             the firewall probe cannot tell"
+        );
+        eprintln!("vm-test: the firewall drops port {PROBE_PORT} from outside");
         Ok(())
     }
 
@@ -999,6 +1047,27 @@ impl Disk {
             Disk::Raw => "raw",
         }
     }
+}
+
+/// A port nothing in the appliance listens on or opens.
+const PROBE_PORT: u16 = 9999;
+
+/// Whether the echo service behind the forwarded `port` answers. qemu's user
+/// network accepts every forwarded connection on the host side; only the
+/// echo says that the guest took it.
+fn echoes(port: u16) -> bool {
+    let answer = || -> std::io::Result<bool> {
+        let mut stream = std::net::TcpStream::connect_timeout(
+            &([127, 0, 0, 1], port).into(),
+            Duration::from_secs(10),
+        )?;
+        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        stream.write_all(b"ping\n")?;
+        let mut buf = [0u8; 4];
+        stream.read_exact(&mut buf)?;
+        Ok(&buf == b"ping")
+    };
+    answer().unwrap_or(false)
 }
 
 fn free_port() -> Result<u16> {
