@@ -189,7 +189,6 @@ impl Cache {
             build(dir)
         })?;
         if built {
-            touch(&dir);
             self.evict(group, keep, &dir)?;
         }
         Ok(dir)
