@@ -293,13 +293,20 @@ impl Vm {
 
     /// `qemu-img ARGS` from the tools root, in the work directory.
     fn qemu_img(&self, args: &str) -> Result<()> {
-        let script = format!(
-            "set -e\nmkdir -p {t}/work\nmount --bind {w} {t}/work\n\
-             exec chroot {t} sh -c 'cd /work && exec qemu-img {args}'",
+        let script = self.in_tools_root(&format!("sh -c 'cd /work && exec qemu-img {args}'"));
+        run_ok(&mut in_private_mounts(&script), &format!("qemu-img {args}"))
+    }
+
+    /// A script that runs `command` chrooted in the tools root, with /proc,
+    /// /dev and the work directory (as /work) mounted there; for
+    /// [`in_private_mounts`], so the mounts stay in its namespace.
+    fn in_tools_root(&self, command: &str) -> String {
+        format!(
+            "set -e\nmount -t proc proc {t}/proc\nmount --rbind /dev {t}/dev\nmkdir -p {t}/work\n\
+             mount --bind {w} {t}/work\nexec chroot {t} {command}",
             t = self.tools.display(),
             w = self.work.display()
-        );
-        run_ok(&mut in_private_mounts(&script), &format!("qemu-img {args}"))
+        )
     }
 
     /// Writes the newer image's ESP, BIOS boot and root partitions over the
@@ -433,13 +440,7 @@ impl Vm {
             Firmware::Bios => "BIOS",
         };
         eprintln!("vm: booting with {how} ({accel})");
-        let script = format!(
-            "set -e\nmount -t proc proc {t}/proc\nmount --rbind /dev {t}/dev\nmkdir -p {t}/work\n\
-             mount --bind {w} {t}/work\nexec chroot {t} {qemu}",
-            t = self.tools.display(),
-            w = self.work.display()
-        );
-        in_private_mounts(&script)
+        in_private_mounts(&self.in_tools_root(&qemu))
             .stdin(Stdio::null())
             .stdout(fs::File::create(self.work.join("qemu.log"))?)
             .stderr(Stdio::inherit())
