@@ -30,6 +30,8 @@ pub struct BuildRequest {
     pub out: PathBuf,
     pub cache_dir: PathBuf,
     pub epoch: u64,
+    /// The disk image's version (`build --version`); see [`disk::version`].
+    pub version: Option<String>,
 }
 
 /// What `build --json` prints (versioned).
@@ -62,6 +64,11 @@ pub struct LayerReport {
 pub fn build(req: &BuildRequest, progress: &mut Progress) -> Result<BuildReport> {
     let plan = plan::plan(&req.project, &req.profile, &req.input)?;
     let makes_disk = plan.profile.outputs.iter().any(|o| o == disk::KIND);
+    let version = disk::version::resolve(
+        req.version.as_deref(),
+        plan.profile.version.as_deref(),
+        req.epoch,
+    )?;
     if makes_disk {
         disk::preflight(&req.project)?;
     }
@@ -142,11 +149,25 @@ pub fn build(req: &BuildRequest, progress: &mut Progress) -> Result<BuildReport>
             let images = images::embed::tree(&embedded, &cache)?;
             render::overlay(&mut tree, &mut BTreeMap::new(), &images, images::LAYER)?;
         }
-        let disk = disk::build(&req.project, &plan, &tree, &cache, req.epoch, progress)?;
+        let disk = disk::build(
+            &req.project,
+            &plan,
+            &tree,
+            &cache,
+            req.epoch,
+            &version,
+            progress,
+        )?;
         for (path, ext) in [(&disk.raw, "raw"), (&disk.qcow2, "qcow2")] {
             let name = format!("{}.{ext}", plan.profile.name);
             let digest = out.stage_file(&name, path)?;
             disk_files.push((out.path_of(&name), digest));
+        }
+        // The update directory holds this version's files only.
+        out.replace_dir(disk::UPDATE_DIR);
+        for file in &disk.update {
+            let name = format!("{}/{}", disk::UPDATE_DIR, file.name);
+            out.stage_file(&name, &file.path)?;
         }
         manifest.disk = Some(disk.info.clone());
     }

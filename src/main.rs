@@ -72,6 +72,11 @@ enum Command {
         /// or ~/.cache/builder]
         #[arg(long, value_name = "DIR")]
         cache_dir: Option<PathBuf>,
+        /// The disk image's version (IMAGE_VERSION: digits, letters, dots)
+        /// [default: the profile's `version`, else the build time as
+        /// YYYYMMDD.HHMMSS]
+        #[arg(long, value_name = "VERSION")]
+        version: Option<String>,
         /// Print a versioned JSON report on stdout
         #[arg(long)]
         json: bool,
@@ -176,6 +181,7 @@ fn build_request(
         out,
         cache_dir: cache::default_dir(cache_dir.as_deref())?,
         epoch: epoch::from_env()?,
+        version: None,
     })
 }
 
@@ -186,9 +192,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             site,
             out,
             cache_dir,
+            version,
             json,
         } => {
-            let req = build_request(project()?, &site, out, cache_dir)?;
+            let mut req = build_request(project()?, &site, out, cache_dir)?;
+            req.version = version;
             let mut progress = Progress::new(cli.quiet || json);
             let report = build::build(&req, &mut progress)?;
             if json {

@@ -21,6 +21,8 @@ pub struct OutDir {
     dir: PathBuf,
     created: bool,
     staged: Vec<(NamedTempFile, String, Digest)>,
+    /// Subdirectories whose files not staged now are removed on commit.
+    replaced: Vec<String>,
     committed: bool,
 }
 
@@ -38,6 +40,7 @@ impl OutDir {
             dir: dir.to_path_buf(),
             created,
             staged: Vec::new(),
+            replaced: Vec::new(),
             committed: false,
         })
     }
@@ -90,10 +93,17 @@ impl OutDir {
         .finish()
         .with_context(|| format!("reading {}", src.display()))?
         .0;
+        let dest = self.dir.join(name);
+        let parent = dest.parent().expect("a file in the output directory");
+        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        let base = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{name}."))
-            .tempfile_in(&self.dir)
-            .with_context(|| format!("creating a temporary file in {}", self.dir.display()))?;
+            .prefix(&format!(".{base}."))
+            .tempfile_in(parent)
+            .with_context(|| format!("creating a temporary file in {}", parent.display()))?;
         let status = std::process::Command::new("cp")
             .arg("--sparse=always")
             .arg(src)
@@ -112,7 +122,14 @@ impl OutDir {
         Ok(digest)
     }
 
-    /// Renames every staged file into place, then updates SHA256SUMS.
+    /// On commit, removes the files in subdirectory `dir` that this build
+    /// does not stage (an older version's update files).
+    pub fn replace_dir(&mut self, dir: &str) {
+        self.replaced.push(dir.to_string());
+    }
+
+    /// Renames every staged file into place, removes what replaced
+    /// directories held before, then updates SHA256SUMS.
     pub fn commit(mut self) -> Result<()> {
         let sums_path = self.dir.join(SUMS);
         let mut sums: BTreeMap<String, String> = match fs::read_to_string(&sums_path) {
@@ -124,11 +141,27 @@ impl OutDir {
                 .collect(),
             Err(_) => BTreeMap::new(),
         };
+        let mut now = std::collections::BTreeSet::new();
         for (tmp, name, digest) in self.staged.drain(..) {
             let dest = self.dir.join(&name);
             tmp.persist(&dest)
                 .with_context(|| format!("moving {name} into place"))?;
-            sums.insert(name, digest.hex());
+            sums.insert(name.clone(), digest.hex());
+            now.insert(name);
+        }
+        for dir in &self.replaced {
+            let path = self.dir.join(dir);
+            for entry in
+                fs::read_dir(&path).with_context(|| format!("reading {}", path.display()))?
+            {
+                let entry = entry?;
+                let name = format!("{dir}/{}", entry.file_name().to_string_lossy());
+                if entry.file_type()?.is_file() && !now.contains(&name) {
+                    fs::remove_file(entry.path())
+                        .with_context(|| format!("removing the older {name}"))?;
+                    sums.remove(&name);
+                }
+            }
         }
         let text: String = sums.iter().map(|(n, d)| format!("{d}  {n}\n")).collect();
         let tmp = NamedTempFile::new_in(&self.dir).context("writing SHA256SUMS")?;

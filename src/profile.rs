@@ -28,6 +28,9 @@ pub struct ProfileToml {
     pub values: BTreeMap<String, toml::Value>,
     /// Image kinds to produce (`images/<kind>.toml`); inherited if unset.
     pub outputs: Option<Vec<String>>,
+    /// The disk image's version (`IMAGE_VERSION`); `build --version` wins.
+    /// Unset: made from the build epoch.
+    pub version: Option<String>,
 }
 
 /// A profile with its `extends` chain applied.
@@ -39,6 +42,7 @@ pub struct Profile {
     /// Each value with the profile file that set it last.
     pub values: BTreeMap<String, (String, toml::Value)>,
     pub outputs: Vec<String>,
+    pub version: Option<String>,
 }
 
 impl Profile {
@@ -68,6 +72,7 @@ impl Profile {
             layers: Vec::new(),
             values: BTreeMap::new(),
             outputs: Vec::new(),
+            version: None,
         };
         for (pname, toml) in chain.iter().rev() {
             let file = format!("profiles/{pname}.toml");
@@ -93,6 +98,9 @@ impl Profile {
             }
             if let Some(outputs) = &toml.outputs {
                 profile.outputs = outputs.clone();
+            }
+            if let Some(version) = &toml.version {
+                profile.version = Some(version.clone());
             }
         }
         if profile.outputs.is_empty() {

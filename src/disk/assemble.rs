@@ -1,7 +1,7 @@
-//! The disk's two file trees, staged in a scratch directory: `root/` (the
+//! The disk's root file tree, staged in a scratch directory: `root/` (the
 //! base, the layers over it, the embedded images unpacked into the image
 //! store, units enabled, the initramfs made, nothing machine-specific left)
-//! and `esp/` (boot loaders' files and the kernel).
+//! and the kernel and initramfs beside it for the boot files (`boot.rs`).
 
 use std::fs;
 use std::path::Path;
@@ -30,10 +30,17 @@ const MACHINE_FILES: &[&str] = &[
 ];
 
 pub struct Staged {
+    /// The kernel's version (`uname -r`).
     pub kernel: String,
-    pub cmdline: String,
+    /// The kernel and initramfs, taken out of the root's /boot.
+    pub vmlinuz: std::path::PathBuf,
+    pub initrd: std::path::PathBuf,
 }
 
+/// Stages `scratch/root`: the base, the layers, the image store, units
+/// enabled, the initramfs made, os-release naming this image's version;
+/// the kernel and initramfs moved to `scratch/kernel/`.
+#[allow(clippy::too_many_arguments)]
 pub fn stage(
     spec: &DiskSpec,
     base: &Base,
@@ -42,22 +49,38 @@ pub fn stage(
     embedded: &[&PlannedImage],
     scratch: &Path,
     epoch: u64,
+    version: &str,
 ) -> Result<Staged> {
     let root = scratch.join("root");
-    let esp = scratch.join("esp");
     copy_tree(&base.root, &root)?;
     write_tree(merged, &root).context("laying the layers over the base")?;
     image_store::make(tools, &root, embedded, scratch, epoch)?;
     configure(spec, &root, epoch)?;
+    name_the_image(&root, version)?;
     let kernel = kernel_version(&root)?;
-    let cmdline = format!(
-        "root=PARTLABEL=root rootfstype=erofs {}",
-        spec.base.kernel_cmdline
-    );
-    boot_files(tools, &root, &esp, &kernel, &cmdline)?;
+    let staged = take_kernel(&root, &scratch.join("kernel"), kernel)?;
+    // The ESP's mount point (boot counting, updates); empty in the image.
+    fs::create_dir_all(root.join("efi"))?;
     forget_machine(&root)?;
-    clamp_mtimes(scratch, epoch)?;
-    Ok(Staged { kernel, cmdline })
+    clamp_mtimes(&root, epoch)?;
+    Ok(staged)
+}
+
+/// os-release(5) gets `IMAGE_ID` and `IMAGE_VERSION`: systemd-sysupdate
+/// compares them with the updates it finds, `matrixctl` shows them.
+fn name_the_image(root: &Path, version: &str) -> Result<()> {
+    let path = root.join("usr/lib/os-release");
+    let text = fs::read_to_string(&path).context("the base has no /usr/lib/os-release")?;
+    let mut lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with("IMAGE_ID=") && !l.starts_with("IMAGE_VERSION="))
+        .collect();
+    let id = format!("IMAGE_ID={}", super::version::IMAGE_ID);
+    let v = format!("IMAGE_VERSION={version}");
+    lines.push(&id);
+    lines.push(&v);
+    fs::write(&path, lines.join("\n") + "\n")?;
+    Ok(())
 }
 
 fn copy_tree(from: &Path, to: &Path) -> Result<()> {
@@ -119,21 +142,15 @@ fn kernel_version(root: &Path) -> Result<String> {
     }
 }
 
-/// systemd-boot (UEFI) and GRUB (BIOS) both boot the kernel and initramfs
-/// on the ESP with one command line; /boot in the root is left empty.
-fn boot_files(tools: &Tools, root: &Path, esp: &Path, kernel: &str, cmdline: &str) -> Result<()> {
-    for dir in ["EFI/BOOT", "loader/entries", "grub"] {
-        fs::create_dir_all(esp.join(dir))?;
-    }
-    fs::copy(tools.systemd_boot(), esp.join("EFI/BOOT/BOOTX64.EFI"))
-        .context("copying systemd-boot from the tools root")?;
+/// Moves the kernel and initramfs out of /boot (left empty: the boot
+/// loaders read them from the ESP).
+fn take_kernel(root: &Path, to: &Path, kernel: String) -> Result<Staged> {
+    fs::create_dir_all(to)?;
     let boot = root.join("boot");
-    fs::rename(boot.join(format!("vmlinuz-{kernel}")), esp.join("vmlinuz"))?;
-    fs::rename(
-        boot.join(format!("initrd.img-{kernel}")),
-        esp.join("initrd.img"),
-    )
-    .context("the initramfs was not made (update-initramfs)")?;
+    let (vmlinuz, initrd) = (to.join("vmlinuz"), to.join("initrd"));
+    fs::rename(boot.join(format!("vmlinuz-{kernel}")), &vmlinuz)?;
+    fs::rename(boot.join(format!("initrd.img-{kernel}")), &initrd)
+        .context("the initramfs was not made (update-initramfs)")?;
     for entry in fs::read_dir(&boot)? {
         let path = entry?.path();
         if path.is_dir() {
@@ -142,21 +159,11 @@ fn boot_files(tools: &Tools, root: &Path, esp: &Path, kernel: &str, cmdline: &st
             fs::remove_file(&path)?;
         }
     }
-    fs::write(
-        esp.join("loader/loader.conf"),
-        "timeout 0\ndefault appliance.conf\n",
-    )?;
-    fs::write(
-        esp.join("loader/entries/appliance.conf"),
-        format!(
-            "title Matrix appliance\nversion {kernel}\nlinux /vmlinuz\ninitrd /initrd.img\noptions {cmdline}\n"
-        ),
-    )?;
-    fs::write(
-        esp.join("grub/grub.cfg"),
-        format!("set timeout=0\nlinux /vmlinuz {cmdline}\ninitrd /initrd.img\nboot\n"),
-    )?;
-    Ok(())
+    Ok(Staged {
+        kernel,
+        vmlinuz,
+        initrd,
+    })
 }
 
 /// Removes what would make two machines from this image the same one, and
@@ -187,11 +194,10 @@ fn forget_machine(root: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Every mtime at the epoch: file systems record them.
-fn clamp_mtimes(scratch: &Path, epoch: u64) -> Result<()> {
+/// Every mtime under `dir` at the epoch: file systems record them.
+pub fn clamp_mtimes(dir: &Path, epoch: u64) -> Result<()> {
     let status = Command::new("find")
-        .arg(scratch.join("root"))
-        .arg(scratch.join("esp"))
+        .arg(dir)
         .args([
             "-exec",
             "touch",

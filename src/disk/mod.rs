@@ -5,22 +5,27 @@
 //!
 //! | # | partition | content |
 //! |---|---|---|
-//! | 1 | ESP (vfat) | systemd-boot, GRUB's config, the kernel and initramfs |
+//! | 1 | ESP (vfat) | systemd-boot and each version's unified kernel image; GRUB's config and each version's kernel and initramfs |
 //! | 2 | BIOS boot | GRUB's core image (legacy BIOS) |
-//! | 3 | root (erofs) | the read-only OS and appliance |
-//! | 4 | var (ext4) | all state; grown to fill the disk on first boot |
+//! | 3 | root slot A (erofs) | this version's read-only OS and appliance (`appliance_<version>`) |
+//! | 4 | root slot B | empty (`_empty`): the next version's, written by an update |
+//! | 5 | var (ext4) | all state; grown to fill the disk on first boot |
 //!
 //! UEFI firmware starts systemd-boot, BIOS starts GRUB from the MBR; both
-//! read the same kernel and initramfs from the ESP with the same command
-//! line. Every step runs with SOURCE_DATE_EPOCH and a seed derived from the
-//! profile, so the same inputs give byte-identical images.
+//! boot a version's kernel with its root found by PARTUUID (see `boot.rs`).
+//! Beside the images, `update/` holds this version as an update (see
+//! `update.rs`). Every step runs with SOURCE_DATE_EPOCH and a seed derived
+//! from the profile, so the same inputs give byte-identical images.
 
 mod assemble;
 mod base;
+mod boot;
 mod image_store;
 mod partition;
 pub mod spec;
 mod tools;
+mod update;
+pub mod version;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -43,6 +48,9 @@ pub const KIND: &str = "disk";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskInfo {
+    /// os-release's IMAGE_ID and IMAGE_VERSION.
+    pub image_id: String,
+    pub image_version: String,
     /// Debian release of the base.
     pub suite: String,
     pub kernel: String,
@@ -57,7 +65,8 @@ pub struct DiskInfo {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PartitionInfo {
-    /// GPT partition name (`esp`, `bios`, `root`, `var`).
+    /// GPT partition name (`esp`, `bios`, `appliance_<version>` for the
+    /// root slot holding this version, `_empty` for the other, `var`).
     pub label: String,
     pub filesystem: Option<String>,
     /// Byte offset in the disk image (where a newer image's partition is
@@ -73,7 +82,12 @@ pub struct DiskImages {
     pub raw: PathBuf,
     pub qcow2: PathBuf,
     pub info: DiskInfo,
+    /// The files of `update/`, `SHA256SUMS` last.
+    pub update: Vec<update::UpdateFile>,
 }
+
+/// The output directory's subdirectory for the update files.
+pub const UPDATE_DIR: &str = "update";
 
 /// What a disk build needs before anything else is done: a valid
 /// images/disk.toml, root and mmdebstrap. Fails fast with the fix.
@@ -94,6 +108,7 @@ pub fn build(
     merged: &Tree,
     cache: &Cache,
     epoch: u64,
+    version: &str,
     progress: &mut Progress,
 ) -> Result<DiskImages> {
     let spec = spec::load(project)?;
@@ -114,6 +129,7 @@ pub fn build(
         .add(base.root.as_os_str().as_encoded_bytes())
         .add(tools.root.as_os_str().as_encoded_bytes())
         .add(seed.as_bytes())
+        .add(version.as_bytes())
         .add_tree(merged);
     let mut built = false;
     let dir =
@@ -131,21 +147,41 @@ pub fn build(
                 &embedded,
                 scratch.path(),
                 epoch,
+                version,
+            )?;
+            let uuids = partition::root_uuids(&seed, version);
+            progress.note(&format!(
+                "disk: version {version}: root file system, unified kernel image, boot files"
+            ));
+            let boot = boot::make(
+                &spec,
+                &tools,
+                scratch.path(),
+                &staged,
+                version,
+                &uuids,
+                epoch,
             )?;
             progress.note("disk: partitioning (systemd-repart) and installing boot loaders");
-            let partitions = partition::make(&spec, &tools, scratch.path(), &seed, epoch)?;
+            let partitions =
+                partition::make(&spec, &tools, scratch.path(), &seed, epoch, version, &uuids)?;
             partition::to_qcow2(&tools, scratch.path())?;
+            progress.note("disk: the update files (update/)");
+            update::make(&tools, scratch.path(), version, &uuids.partition, epoch)?;
             let raw = scratch.path().join("disk.raw");
             let info = DiskInfo {
+                image_id: version::IMAGE_ID.to_string(),
+                image_version: version.to_string(),
                 suite: crate::debian::SUITE.to_string(),
                 kernel: staged.kernel,
-                kernel_cmdline: staged.cmdline,
+                kernel_cmdline: boot.cmdline,
                 packages: base.packages.clone(),
                 partitions,
                 size: fs::metadata(&raw)?.len(),
             };
             fs::rename(&raw, dir.join(RAW))?;
             fs::rename(scratch.path().join("disk.qcow2"), dir.join(QCOW2))?;
+            fs::rename(scratch.path().join("update"), dir.join(UPDATE_DIR))?;
             fs::write(dir.join(INFO), serde_json::to_vec_pretty(&info)?)?;
             Ok(())
         })?;
@@ -158,6 +194,7 @@ pub fn build(
         raw: dir.join(RAW),
         qcow2: dir.join(QCOW2),
         info,
+        update: update::list(&dir.join(UPDATE_DIR))?,
     })
 }
 
@@ -166,7 +203,7 @@ pub fn build(
 /// every changed value stays bounded.
 const KEPT_IMAGES: usize = 3;
 /// Bump when the disk image changes in a way nothing in its key shows.
-const IMAGE_VERSION: &str = "2";
+const IMAGE_VERSION: &str = "3";
 const RAW: &str = "disk.raw";
 const QCOW2: &str = "disk.qcow2";
 const INFO: &str = "info.json";

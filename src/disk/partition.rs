@@ -9,6 +9,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use sha2::{Digest as _, Sha256};
 
+use super::boot::{stem, RootUuids};
 use super::spec::DiskSpec;
 use super::tools::Tools;
 use super::PartitionInfo;
@@ -26,6 +27,7 @@ const GRUB_MODULES: &[&str] = &[
     "normal",
     "linux",
     "configfile",
+    "loadenv",
     "search",
     "echo",
     "test",
@@ -36,6 +38,16 @@ const GRUB_MODULES: &[&str] = &[
 /// partitions have the same identities as the one it replaces.
 pub fn seed(profile: &str) -> String {
     uuid_from(&format!("matrix-appliance disk image {profile}"))
+}
+
+/// The root partition's and file system's UUIDs of one version: unique to
+/// it (the kernel finds the root by the partition's), and the same on
+/// every build of it.
+pub fn root_uuids(seed: &str, version: &str) -> RootUuids {
+    RootUuids {
+        partition: uuid_from(&format!("{seed} root partition {version}")),
+        filesystem: uuid_from(&format!("{seed} root file system {version}")),
+    }
 }
 
 /// A version 4 UUID made from the hash of `text`.
@@ -56,8 +68,15 @@ fn uuid_from(text: &str) -> String {
     )
 }
 
-/// The repart definitions, in partition order.
-fn definitions(spec: &DiskSpec) -> Result<Vec<(String, String, PartitionInfo)>> {
+/// The repart definitions, in partition order: root slot A holds this
+/// version's root image, slot B is empty (`_empty`, as systemd-sysupdate
+/// marks a free slot) until an update writes the next version there.
+fn definitions(
+    spec: &DiskSpec,
+    version: &str,
+    root: &RootUuids,
+) -> Result<Vec<(String, String, PartitionInfo)>> {
+    let label = stem(version);
     let sizes = &spec.partitions;
     let fixed = |bytes: u64| format!("SizeMinBytes={bytes}\nSizeMaxBytes={bytes}\n");
     // Offsets and UUIDs are read back from the written table (`layout`).
@@ -86,13 +105,21 @@ fn definitions(spec: &DiskSpec) -> Result<Vec<(String, String, PartitionInfo)>> 
             part("bios", None, 1 << 20),
         ),
         (
-            "30-root.conf".into(),
+            "30-root-a.conf".into(),
             format!(
-                "[Partition]\nType=root\nLabel=root\nFormat=erofs\nCopyFiles=/root:/\n\
-                 Compression=lz4hc\n{}",
+                "[Partition]\nType=root\nLabel={label}\nUUID={}\nCopyBlocks=/work/root.erofs\n{}",
+                root.partition,
                 fixed(sizes.root_bytes()?)
             ),
-            part("root", Some("erofs"), sizes.root_bytes()?),
+            part(&label, Some("erofs"), sizes.root_bytes()?),
+        ),
+        (
+            "31-root-b.conf".into(),
+            format!(
+                "[Partition]\nType=root\nLabel=_empty\n{}",
+                fixed(sizes.root_bytes()?)
+            ),
+            part("_empty", None, sizes.root_bytes()?),
         ),
         (
             "40-var.conf".into(),
@@ -105,18 +132,20 @@ fn definitions(spec: &DiskSpec) -> Result<Vec<(String, String, PartitionInfo)>> 
     ])
 }
 
-/// Writes `scratch/disk.raw` from `scratch/root` and `scratch/esp`.
+/// Writes `scratch/disk.raw` from `scratch/root.erofs` and `scratch/esp`.
 pub fn make(
     spec: &DiskSpec,
     tools: &Tools,
     scratch: &Path,
     seed: &str,
     epoch: u64,
+    version: &str,
+    root: &RootUuids,
 ) -> Result<Vec<PartitionInfo>> {
     let defs = scratch.join("repart.d");
     fs::create_dir_all(&defs)?;
     let mut infos = Vec::new();
-    for (name, text, info) in definitions(spec)? {
+    for (name, text, info) in definitions(spec, version, root)? {
         fs::write(defs.join(name), text)?;
         infos.push(info);
     }

@@ -7,12 +7,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
+use crate::images::chroot::{self, Bind};
+
 use crate::cache::{Cache, Key};
 use crate::debian::{self, SUITE};
 use crate::progress::Progress;
 
 /// Bump when something not listed below changes what the root holds.
-const VERSION: &str = "2";
+const VERSION: &str = "3";
 
 const PACKAGES: &[&str] = &[
     "systemd",
@@ -28,6 +30,9 @@ const PACKAGES: &[&str] = &[
     "qemu-utils",
     // unpacks embedded images into the disk's image store (containers-storage)
     "skopeo",
+    // the unified kernel image systemd-boot starts, and the compressed update files
+    "systemd-ukify",
+    "xz-utils",
 ];
 
 pub struct Tools {
@@ -39,6 +44,25 @@ impl Tools {
     pub fn systemd_boot(&self) -> PathBuf {
         self.root
             .join("usr/lib/systemd/boot/efi/systemd-bootx64.efi")
+    }
+
+    /// Runs `argv` in the tools root with `scratch` mounted at /work (and
+    /// SOURCE_DATE_EPOCH set); its standard output.
+    pub fn run_in(&self, scratch: &Path, epoch: u64, argv: &[&str], what: &str) -> Result<Vec<u8>> {
+        let epoch = epoch.to_string();
+        let cmd = chroot::command(
+            &self.root,
+            &[Bind {
+                host: scratch,
+                inside: "/work",
+            }],
+            &[
+                ("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+                ("SOURCE_DATE_EPOCH", epoch.as_str()),
+            ],
+            argv,
+        )?;
+        chroot::output(cmd, what)
     }
 }
 

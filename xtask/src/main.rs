@@ -3,6 +3,7 @@
 mod bench;
 mod bench_disk;
 mod config_keys;
+mod http;
 mod lock;
 mod synapse;
 mod test;

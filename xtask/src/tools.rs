@@ -53,6 +53,9 @@ const PACKAGES: &[&str] = &[
     "seabios",
     // qemu-img: the VM test boots the qcow2 through an overlay
     "qemu-utils",
+    // the VM test: qemu's guestfwd runs nc for each of the guest's connections to the
+    // update server
+    "netcat-openbsd",
     // what mautrix-telegram (PyPI wheels) needs from Debian, as in its image: pyaes (an sdist
     // on PyPI) and libmagic for python-magic
     "python3-pyaes",

@@ -3,7 +3,8 @@
 # says it is ready (mkosi's check-and-shutdown pattern). Prints one line on the console,
 # "vm-test-check: passed" or "vm-test-check: FAILED: <what>", never a secret; the unit then
 # powers the VM off. vm-test sets, above this text: matrix_host, room, text, identity_sha,
-# upload_limit, stale_image, and defines identity() (the same command as its SSH check).
+# upload_limit, stale_image, version (the one that must run: an update on trial), previous
+# (the one installed beside it), and defines identity() (the same command as its SSH check).
 
 problems=
 fail() { problems="$problems; $*"; }
@@ -42,6 +43,26 @@ journalctl -b -o cat -u "$stale_unit" | grep -q 'removing that copy' ||
 if curl -sS --max-time 10 -o /dev/null https://deb.debian.org/ 2>/dev/null; then
 	fail "the VM reached the internet"
 fi
+
+# The update: this version runs from its own root slot, passed its health gate and was
+# kept by systemd-bless-boot (no tries left in its entry's name) and for GRUB; the previous
+# version stays installed in the other slot.
+running=$(. /etc/os-release && echo "$IMAGE_VERSION")
+[ "$running" = "$version" ] || fail "version $running runs, not $version"
+grep -q "root=PARTUUID=$(lsblk -rno PARTUUID,PARTLABEL | awk -v l="appliance_$version" '$2 == l {print $1}') " /proc/cmdline ||
+	fail "the kernel's root is not the PARTUUID of slot appliance_$version: $(cat /proc/cmdline)"
+lsblk -rno PARTLABEL | grep -qx "appliance_$previous" || fail "the previous version's slot appliance_$previous is gone"
+i=0
+until systemctl is-active --quiet matrix-appliance-health.service && systemctl is-active --quiet systemd-bless-boot.service; do
+	i=$((i + 1))
+	[ "$i" -lt 60 ] || break
+	sleep 5
+done
+systemctl is-active --quiet matrix-appliance-health.service || fail "the health gate did not pass"
+[ -e "/efi/EFI/Linux/appliance_$version.efi" ] ||
+	fail "systemd-bless-boot did not keep $version: $(ls /efi/EFI/Linux | tr '\n' ' ')"
+grep -q "^appliance_good=$version\$" /efi/grub/grubenv || fail "GRUB's good version is not $version"
+grep -q '^appliance_try=$' /efi/grub/grubenv || fail "a version is still on trial for GRUB"
 
 # This image's settings in use.
 grep -q "client_max_body_size $upload_limit;" /usr/share/matrix-appliance/proxy/nginx.conf ||

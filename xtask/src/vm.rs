@@ -9,9 +9,12 @@
 //!
 //! 1. UEFI (OVMF), first boot;
 //! 2. the same disk with legacy BIOS (SeaBIOS): the reboot;
-//! 3. a newer image (another upload limit) written over the ESP, BIOS boot
-//!    and root partitions at the manifest's offsets, booted with UEFI: the
-//!    upgrade.
+//! 3. the update: a newer version (another upload limit) served from a
+//!    loopback HTTP server the guest reaches through qemu's guestfwd; in the
+//!    BIOS boot `matrixctl update apply` refuses a copy with one changed byte
+//!    and installs the real one into the empty root slot; the disk, made
+//!    raw, boots it with UEFI on trial, and it must pass its health gate and
+//!    be kept.
 //!
 //! Each boot waits for the appliance's own console line ("matrix-appliance:
 //! ready"). The first two are then checked from outside, over SSH and the
@@ -27,7 +30,7 @@
 //! SSH host key, secrets and bridge registrations, with no first-boot step
 //! run again, then leaves another image under Synapse's name in /var (as an
 //! appliance that once loaded its images there has), which the upgrade must
-//! remove to run its own. The upgrade is checked from the inside with no SSH at all: a
+//! remove to run its own. The update is checked from the inside with no SSH at all: a
 //! unit passed in as systemd credentials runs the same checks
 //! (vm-check.sh), prints the verdict on the serial console and powers the
 //! VM off (mkosi's check-and-shutdown pattern). qemu uses KVM when a probe
@@ -54,6 +57,12 @@ const TELEGRAM_API_ID: &str = "7654321";
 const TELEGRAM_API_HASH: &str = "fedcba9876543210fedcba9876543210";
 /// tests/common's EPOCH.
 const TESTS_EPOCH: &str = "1700000000";
+/// The first image's version: made from TESTS_EPOCH (`YYYYMMDD.HHMMSS`).
+const FIRST_VERSION: &str = "20231114.221320";
+/// The newer image's version, given with `--version`.
+const NEWER_VERSION: &str = "20231115.1";
+/// Where the guest finds the update server (qemu's guestfwd to loopback).
+const UPDATE_HOST: &str = "10.0.2.100";
 /// First boot under TCG loads ~250 MB of images and initialises everything.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(40 * 60);
 /// The VM's hardware, for the boots and the KVM probe alike.
@@ -101,6 +110,7 @@ pub fn run(args: &[String]) -> Result<()> {
                 .args(["--set", &format!("server_name={SERVER_NAME}")])
                 .args(["--set", &format!("ssh_authorized_keys={}", pubkey.trim())])
                 // The Telegram bridge, its image built locally and embedded.
+                .args(["--set", &format!("update_url=http://{UPDATE_HOST}/")])
                 .args(["--set", "bridges=telegram"])
                 .args(["--set", &format!("telegram_api_id={TELEGRAM_API_ID}")])
                 .args(["--set", &format!("telegram_api_hash={TELEGRAM_API_HASH}")])
@@ -155,7 +165,19 @@ pub fn run(args: &[String]) -> Result<()> {
     vm.check_telegram_bridge()?;
     vm.shutdown(qemu)?;
 
-    // The same disk with BIOS firmware: the reboot.
+    // The newer version (another upload limit), served to the guest as an
+    // update from a loopback HTTP server.
+    let newer = build(
+        "out-newer",
+        &["--set", "max_upload_size=77M", "--version", NEWER_VERSION],
+    )?;
+    remove_images(&newer, &["raw", "qcow2", "bundle.tar"])?;
+    let update = newer.join("update");
+    let tampered = tampered_copy(&update, &work.join("update-tampered"))?;
+    let server = crate::http::StaticServer::start(tampered)?;
+    vm.update_port = Some(server.port);
+
+    // The same disk with BIOS firmware: the reboot; then the update.
     let mut qemu = vm.boot(Firmware::Bios)?;
     let second = vm.wait_ready(&mut qemu)?;
     eprintln!("vm-test: BIOS boot (reboot) ready in {:.0?}", second);
@@ -163,31 +185,32 @@ pub fn run(args: &[String]) -> Result<()> {
     vm.check_same_machine(&before)?;
     vm.check_matrix(Some(&room))?;
     vm.leave_older_synapse_copy()?;
+    vm.apply_update(&server, &update)?;
     vm.shutdown(qemu)?;
 
-    // An upgrade: a newer image (another upload limit) written over the ESP,
-    // BIOS boot and root partitions; /var stays. This boot is checked from
-    // the inside, without SSH: a unit passed in as a credential checks,
-    // says so on the console and powers the VM off.
-    let newer = build("out-newer", &["--set", "max_upload_size=77M"])?;
-    remove_images(&newer, &["qcow2", "bundle.tar"])?;
-    vm.write_os_partitions(&newer, &first_image)?;
+    // The update boots (UEFI, from the disk made raw) on trial, passes its
+    // health gate and is kept; /var stays. This boot is checked from the
+    // inside, without SSH: a unit passed in as a credential checks, says so
+    // on the console and powers the VM off.
+    vm.make_disk_raw()?;
     let check = CheckInside {
         room: &room,
         identity_sha: &before_sha,
         upload_limit: "77M",
+        version: NEWER_VERSION,
+        previous: FIRST_VERSION,
     };
     let mut qemu = vm.boot_with(Firmware::Uefi, &check.credentials())?;
     let third = vm.wait_ready(&mut qemu)?;
-    eprintln!("vm-test: upgraded image ready in {:.0?}", third);
+    eprintln!("vm-test: the updated appliance is ready in {:.0?}", third);
     vm.wait_for(&mut qemu, CHECK_MARKER)?;
     let verdict = vm.console_line(CHECK_MARKER)?;
     ensure!(
         verdict.ends_with("passed"),
-        "the upgraded appliance's own check: {verdict}"
+        "the updated appliance's own check: {verdict}"
     );
     vm.wait_powered_off(&mut qemu)?;
-    eprintln!("vm-test: the upgraded appliance checked itself and powered off: {verdict}");
+    eprintln!("vm-test: the updated appliance checked itself and powered off: {verdict}");
     eprintln!("vm-test: passed ({:.0?} in all)", started.elapsed());
     Ok(())
 }
@@ -218,6 +241,8 @@ pub(crate) struct Vm {
     https_port: u16,
     /// Forwarded to [`PROBE_PORT`], which the firewall must drop.
     probe_port: u16,
+    /// The host port the guest's [`UPDATE_URL`] reaches (a loopback server).
+    pub(crate) update_port: Option<u16>,
     /// qemu's accelerator: "kvm" when a probe boots with it, else "tcg".
     accel: &'static str,
 }
@@ -232,6 +257,7 @@ impl Vm {
             ssh_port: free_port()?,
             https_port: free_port()?,
             probe_port: free_port()?,
+            update_port: None,
             accel: if kvm_boots(tools) { "kvm" } else { "tcg" },
         })
     }
@@ -309,41 +335,48 @@ impl Vm {
         )
     }
 
-    /// Writes the newer image's ESP, BIOS boot and root partitions over the
-    /// disk's, at the offsets both manifests give (they must agree), the
-    /// way an admin upgrades with dd.
-    fn write_os_partitions(&mut self, newer: &Path, older: &Path) -> Result<()> {
-        let parts = |dir: &Path| -> Result<Vec<(String, u64, u64)>> {
-            let manifest: Value =
-                serde_json::from_slice(&fs::read(dir.join(format!("{PROFILE}.manifest.json")))?)?;
-            Ok(manifest["disk"]["partitions"]
-                .as_array()
-                .context("the manifest lists no partitions")?
-                .iter()
-                .map(|p| {
-                    (
-                        p["label"].as_str().unwrap_or_default().to_string(),
-                        p["offset"].as_u64().unwrap_or(0),
-                        p["size"].as_u64().unwrap_or(0),
-                    )
-                })
-                .collect())
-        };
-        let (new_parts, old_parts) = (parts(newer)?, parts(older)?);
+    /// `matrixctl update apply` from the update server: first a copy with one
+    /// byte of the root image changed, which must be refused with nothing
+    /// changed, then the real update, installed beside the running version.
+    fn apply_update(&self, server: &crate::http::StaticServer, update: &Path) -> Result<()> {
+        let slots = "udevadm settle; lsblk -rno PARTLABEL | grep -E '^(appliance_|_empty)' | sort | tr '\\n' ' '";
+        let before = self.ssh(slots)?;
         ensure!(
-            new_parts == old_parts,
-            "the newer image's partitions differ from the installed one's: {new_parts:?} vs {old_parts:?}"
+            before.trim() == format!("_empty appliance_{FIRST_VERSION}"),
+            "the disk's root slots are not this version's and an empty one: {before}"
         );
-        self.make_disk_raw()?;
-        let src = fs::File::open(newer.join(format!("{PROFILE}.raw")))?;
-        let dst = fs::OpenOptions::new()
-            .write(true)
-            .open(self.work.join(Disk::Raw.file()))?;
-        for (label, offset, size) in new_parts.iter().filter(|p| p.0 != "var") {
-            copy_range(&src, &dst, *offset, *size)
-                .with_context(|| format!("writing partition {label}"))?;
-        }
-        dst.sync_all()?;
+        let refused = self.ssh("matrixctl update apply --no-reboot 2>&1; echo \"exit=$?\"")?;
+        ensure!(
+            !refused.trim_end().ends_with("exit=0") && self.ssh(slots)? == before,
+            "a tampered update was not refused, or changed the slots: {refused}"
+        );
+        ensure!(
+            self.ssh("ls /efi/appliance /efi/EFI/Linux")?
+                .matches(NEWER_VERSION)
+                .count()
+                == 0,
+            "a refused update left files on the ESP"
+        );
+        eprintln!("vm-test: a tampered update is refused and changes nothing");
+        server.serve(update.to_path_buf());
+        let out = self.ssh("matrixctl update apply --no-reboot 2>&1")?;
+        eprintln!("vm-test: matrixctl update apply:\n{}", out.trim_end());
+        let after = self.ssh(slots)?;
+        ensure!(
+            after.trim() == format!("appliance_{FIRST_VERSION} appliance_{NEWER_VERSION}"),
+            "after the update the root slots are {after}"
+        );
+        let status = self.ssh("matrixctl update status")?;
+        ensure!(
+            status.contains(&format!("trial={NEWER_VERSION} tries-left=3"))
+                && status.contains(&format!("{NEWER_VERSION} on trial")),
+            "the update is not on trial for both boot loaders:\n{status}"
+        );
+        ensure!(
+            self.ssh("ls /var/lib/matrix/update-dumps/*/")?
+                .contains("synapse.dump"),
+            "no pre-update dump of Synapse's database"
+        );
         Ok(())
     }
 
@@ -426,11 +459,17 @@ impl Vm {
         }
         let accel = self.accel;
         let (disk, format) = (self.disk.file(), self.disk.format());
+        // The guest's only way out: the update server, at UPDATE_HOST.
+        let guestfwd = self
+            .update_port
+            // cmd: runs nc for each connection (a tcp: chardev would be one connection).
+            .map(|port| format!(",guestfwd=tcp:{UPDATE_HOST}:80-cmd:nc 127.0.0.1 {port}"))
+            .unwrap_or_default();
         let qemu = format!(
             "qemu-system-x86_64 {MACHINE} -accel {accel} \
              -nographic -no-reboot {firmware_args} \
              -drive if=virtio,file=/work/{disk},format={format} \
-             -netdev user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{}-:22,hostfwd=tcp:127.0.0.1:{}-:443,hostfwd=tcp:127.0.0.1:{}-:{PROBE_PORT} \
+             -netdev 'user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{}-:22,hostfwd=tcp:127.0.0.1:{}-:443,hostfwd=tcp:127.0.0.1:{}-:{PROBE_PORT}{guestfwd}' \
              -device virtio-net-pci,netdev=n0,romfile= \
              -serial file:/work/serial.log -monitor none -display none{smbios}",
             self.ssh_port, self.https_port, self.probe_port
@@ -906,8 +945,11 @@ struct CheckInside<'a> {
     room: &'a (String, String),
     /// sha256 of the IDENTITY command's output on the first boot.
     identity_sha: &'a str,
-    /// The upgraded image's max_upload_size.
+    /// The updated image's max_upload_size.
     upload_limit: &'a str,
+    /// The version that must run, and the one installed beside it.
+    version: &'a str,
+    previous: &'a str,
 }
 
 impl CheckInside<'_> {
@@ -929,9 +971,12 @@ ExecStart=/bin/sh %d/vm-test-check.sh
         format!(
             "matrix_host='{MATRIX_HOST}'\nroom='{room}'\ntext='{text}'\n\
              identity_sha='{}'\nupload_limit='{}'\nstale_image='{STALE_IMAGE}'\n\
+             version='{}'\nprevious='{}'\n\
              identity() {{ {IDENTITY}; }}\n{}",
             self.identity_sha,
             self.upload_limit,
+            self.version,
+            self.previous,
             include_str!("vm-check.sh")
         )
     }
@@ -951,37 +996,29 @@ ExecStart=/bin/sh %d/vm-test-check.sh
     }
 }
 
-/// Copies `size` bytes at `offset` from `src` to `dst`, punching holes
-/// where the source is zero (old data there must not survive).
-fn copy_range(src: &fs::File, dst: &fs::File, offset: u64, size: u64) -> Result<()> {
-    use std::os::fd::AsRawFd;
+/// A copy of an update directory with one byte of its root image changed
+/// (SHA256SUMS as it was): what a damaged download or a tampered mirror
+/// serves.
+fn tampered_copy(update: &Path, to: &Path) -> Result<PathBuf> {
     use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut done = 0;
-    while done < size {
-        let n = buf.len().min((size - done) as usize);
-        src.read_exact_at(&mut buf[..n], offset + done)?;
-        if buf[..n].iter().all(|b| *b == 0) {
-            // SAFETY: fallocate on a descriptor we own, within the file.
-            let r = unsafe {
-                libc::fallocate(
-                    dst.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    (offset + done) as libc::off_t,
-                    n as libc::off_t,
-                )
-            };
-            ensure!(
-                r == 0,
-                "punching a hole: {}",
-                std::io::Error::last_os_error()
-            );
-        } else {
-            dst.write_all_at(&buf[..n], offset + done)?;
+    let _ = fs::remove_dir_all(to);
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(update)? {
+        let entry = entry?;
+        let dest = to.join(entry.file_name());
+        fs::hard_link(entry.path(), &dest).or_else(|_| fs::copy(entry.path(), &dest).map(drop))?;
+        if entry.file_name().to_string_lossy().ends_with(".root.xz") {
+            // A copy of its own, not a link to the real one.
+            fs::remove_file(&dest)?;
+            fs::copy(entry.path(), &dest)?;
+            let file = fs::OpenOptions::new().read(true).write(true).open(&dest)?;
+            let mut byte = [0u8; 1];
+            let at = file.metadata()?.len() / 2;
+            file.read_exact_at(&mut byte, at)?;
+            file.write_all_at(&[byte[0] ^ 0x01], at)?;
         }
-        done += n as u64;
     }
-    Ok(())
+    Ok(to.to_path_buf())
 }
 
 fn sha256(path: &Path) -> Result<String> {

@@ -1,0 +1,133 @@
+//! The update directory of one image version (`out/update/`), as
+//! systemd-sysupdate reads it from any static HTTP(S) server or, for
+//! `matrixctl update apply --from`, a local directory:
+//!
+//! | file | installed as |
+//! |---|---|
+//! | `appliance_<v>_<uuid>.root.xz` | the empty root slot (label `appliance_<v>`, PARTUUID `<uuid>`) |
+//! | `appliance_<v>.efi` | `EFI/Linux/appliance_<v>+3-0.efi` on the ESP (UEFI) |
+//! | `appliance_<v>.vmlinuz`, `.initrd`, `.grub.cfg` | `appliance/` on the ESP (BIOS) |
+//! | `SHA256SUMS` | the list systemd-sysupdate checks every file against |
+//!
+//! The root is xz-compressed (systemd-sysupdate 257 reads xz, gzip and
+//! bzip2, not zstd); the kernel, initramfs and unified image are compressed
+//! already and stay as they are.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use sha2::{Digest as _, Sha256};
+
+use super::boot::stem;
+use super::tools::Tools;
+
+/// A file of the update directory.
+pub struct UpdateFile {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// Writes `scratch/update/` from the staged root image and ESP.
+pub fn make(
+    tools: &Tools,
+    scratch: &Path,
+    version: &str,
+    root_uuid: &str,
+    epoch: u64,
+) -> Result<()> {
+    let stem = stem(version);
+    let dir = scratch.join("update");
+    fs::create_dir_all(&dir)?;
+    // Blocks of a fixed size make multi-threaded xz's output independent of
+    // the number of threads.
+    tools.run_in(
+        scratch,
+        epoch,
+        &[
+            "xz",
+            "--keep",
+            "--force",
+            "-1",
+            "--threads=2",
+            "--block-size=16MiB",
+            "/work/root.erofs",
+        ],
+        "compressing the root image for the update (xz)",
+    )?;
+    fs::rename(
+        scratch.join("root.erofs.xz"),
+        dir.join(format!("{stem}_{root_uuid}.root.xz")),
+    )?;
+    let esp = scratch.join("esp");
+    for (from, name) in [
+        (format!("EFI/Linux/{stem}.efi"), format!("{stem}.efi")),
+        (
+            format!("appliance/{stem}.vmlinuz"),
+            format!("{stem}.vmlinuz"),
+        ),
+        (format!("appliance/{stem}.initrd"), format!("{stem}.initrd")),
+        (
+            format!("appliance/{stem}.grub.cfg"),
+            format!("{stem}.grub.cfg"),
+        ),
+    ] {
+        fs::copy(esp.join(&from), dir.join(&name)).with_context(|| format!("copying {from}"))?;
+    }
+    super::assemble::clamp_mtimes(&dir, epoch)?;
+    let files = list(&dir)?;
+    fs::write(dir.join(SUMS), sums(&files)?)?;
+    Ok(())
+}
+
+pub const SUMS: &str = "SHA256SUMS";
+
+/// The files of an update directory, `SHA256SUMS` last.
+pub fn list(dir: &Path) -> Result<Vec<UpdateFile>> {
+    let mut files: Vec<UpdateFile> = fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .map(|e| {
+            let e = e?;
+            Ok(UpdateFile {
+                name: e.file_name().to_string_lossy().into_owned(),
+                path: e.path(),
+            })
+        })
+        .collect::<Result<_>>()?;
+    files.sort_by(|a, b| (a.name == SUMS, &a.name).cmp(&(b.name == SUMS, &b.name)));
+    Ok(files)
+}
+
+/// `SHA256SUMS` in sha256sum(1)'s format, sorted by name.
+fn sums(files: &[UpdateFile]) -> Result<String> {
+    let mut text = String::new();
+    for file in files.iter().filter(|f| f.name != SUMS) {
+        let mut hasher = Sha256::new();
+        let mut reader =
+            fs::File::open(&file.path).with_context(|| format!("reading {}", file.name))?;
+        std::io::copy(&mut reader, &mut hasher)?;
+        text += &format!("{}  {}\n", hex::encode(hasher.finalize()), file.name);
+    }
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_list_every_file_but_themselves_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("b.efi"), b"b").unwrap();
+        fs::write(dir.path().join("a.root.xz"), b"").unwrap();
+        fs::write(dir.path().join(SUMS), b"old").unwrap();
+        let files = list(dir.path()).unwrap();
+        let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["a.root.xz", "b.efi", SUMS]);
+        assert_eq!(
+            sums(&files).unwrap(),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855  a.root.xz\n\
+             3e23e8160039594a33894f6564e1b1348bbd7a0088d42c4acb73eeaed59c009d  b.efi\n"
+        );
+    }
+}
