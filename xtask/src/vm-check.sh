@@ -3,8 +3,9 @@
 # says it is ready (mkosi's check-and-shutdown pattern). Prints one line on the console,
 # "vm-test-check: passed" or "vm-test-check: FAILED: <what>", never a secret; the unit then
 # powers the VM off. vm-test sets, above this text: matrix_host, room, text, identity_sha,
-# upload_limit, stale_image, version (the one that must run: an update on trial), previous
-# (the one installed beside it), and defines identity() (the same command as its SSH check).
+# upload_limit, stale_image (empty: not checked), version (the one that must run),
+# previous (the one installed beside it), failed (one that must be marked bad, or empty),
+# and defines identity() (the same command as its SSH check).
 
 problems=
 fail() { problems="$problems; $*"; }
@@ -37,32 +38,46 @@ others=$(podman images --format '{{.Repository}} {{.ReadOnly}}' |
 	grep -v '^localhost/matrix-appliance/.* true$' | tr '\n' ' ')
 [ -z "$others" ] || fail "images not from the appliance's read-only store: $others"
 # The reboot left an older copy of one of them in /var: its load unit removed it.
-stale_unit=matrix-image-$(echo "$stale_image" | sed 's|.*/||; s|:.*||')-image.service
-journalctl -b -o cat -u "$stale_unit" | grep -q 'removing that copy' ||
-	fail "$stale_unit did not remove the older copy of $stale_image in /var"
+if [ -n "$stale_image" ]; then
+	stale_unit=matrix-image-$(echo "$stale_image" | sed 's|.*/||; s|:.*||')-image.service
+	journalctl -b -o cat -u "$stale_unit" | grep -q 'removing that copy' ||
+		fail "$stale_unit did not remove the older copy of $stale_image in /var"
+fi
 if curl -sS --max-time 10 -o /dev/null https://deb.debian.org/ 2>/dev/null; then
 	fail "the VM reached the internet"
 fi
 
-# The update: this version runs from its own root slot, passed its health gate and was
-# kept by systemd-bless-boot (no tries left in its entry's name) and for GRUB; the previous
-# version stays installed in the other slot.
+# The update: this version runs from its own root slot, passed its health gate and is kept
+# (UEFI: systemd-bless-boot took the tries out of its entry's name; both: GRUB's good
+# version); the other slot holds the previous (or failed) version; a failed one is marked
+# bad for both boot loaders.
 running=$(. /etc/os-release && echo "$IMAGE_VERSION")
 [ "$running" = "$version" ] || fail "version $running runs, not $version"
 grep -q "root=PARTUUID=$(lsblk -rno PARTUUID,PARTLABEL | awk -v l="appliance_$version" '$2 == l {print $1}') " /proc/cmdline ||
 	fail "the kernel's root is not the PARTUUID of slot appliance_$version: $(cat /proc/cmdline)"
-lsblk -rno PARTLABEL | grep -qx "appliance_$previous" || fail "the previous version's slot appliance_$previous is gone"
+lsblk -rno PARTLABEL | grep -qx "appliance_$previous" || fail "the other slot is not appliance_$previous"
+uefi=
+[ ! -d /sys/firmware/efi ] || uefi=1
 i=0
-until systemctl is-active --quiet matrix-appliance-health.service && systemctl is-active --quiet systemd-bless-boot.service; do
+until systemctl is-active --quiet matrix-appliance-health.service &&
+	{ [ -z "$uefi" ] || [ -e "/efi/EFI/Linux/appliance_$version.efi" ]; }; do
 	i=$((i + 1))
 	[ "$i" -lt 60 ] || break
 	sleep 5
 done
 systemctl is-active --quiet matrix-appliance-health.service || fail "the health gate did not pass"
-[ -e "/efi/EFI/Linux/appliance_$version.efi" ] ||
-	fail "systemd-bless-boot did not keep $version: $(ls /efi/EFI/Linux | tr '\n' ' ')"
+[ -z "$uefi" ] || [ -e "/efi/EFI/Linux/appliance_$version.efi" ] ||
+	fail "$version was not kept for systemd-boot: $(ls /efi/EFI/Linux | tr '\n' ' ')"
 grep -q "^appliance_good=$version\$" /efi/grub/grubenv || fail "GRUB's good version is not $version"
 grep -q '^appliance_try=$' /efi/grub/grubenv || fail "a version is still on trial for GRUB"
+if [ -n "$failed" ]; then
+	grep -q "^appliance_bad=$failed\$" /efi/grub/grubenv || fail "$failed is not marked bad for GRUB"
+	if [ -n "$uefi" ]; then
+		ls /efi/EFI/Linux/appliance_"$failed"+0-*.efi >/dev/null 2>&1 ||
+			fail "$failed is not marked bad for systemd-boot: $(ls /efi/EFI/Linux | tr '\n' ' ')"
+	fi
+	matrixctl update status | grep -q "failed=$failed" || fail "matrixctl update status does not name $failed as failed"
+fi
 
 # This image's settings in use.
 grep -q "client_max_body_size $upload_limit;" /usr/share/matrix-appliance/proxy/nginx.conf ||

@@ -61,6 +61,9 @@ const TESTS_EPOCH: &str = "1700000000";
 const FIRST_VERSION: &str = "20231114.221320";
 /// The newer image's version, given with `--version`.
 const NEWER_VERSION: &str = "20231115.1";
+/// A version whose Synapse never starts (a test-only layer): its tries must
+/// fail and the newer version boot again.
+const BROKEN_VERSION: &str = "20231116.1";
 /// Where the guest finds the update server (qemu's guestfwd to loopback).
 const UPDATE_HOST: &str = "10.0.2.100";
 /// First boot under TCG loads ~250 MB of images and initialises everything.
@@ -189,28 +192,76 @@ pub fn run(args: &[String]) -> Result<()> {
     vm.shutdown(qemu)?;
 
     // The update boots (UEFI, from the disk made raw) on trial, passes its
-    // health gate and is kept; /var stays. This boot is checked from the
-    // inside, without SSH: a unit passed in as a credential checks, says so
-    // on the console and powers the VM off.
+    // health gate and is kept; /var stays. Checked over SSH with the same
+    // script as the inside checks below.
     vm.make_disk_raw()?;
-    let check = CheckInside {
+    let mut qemu = vm.boot(Firmware::Uefi)?;
+    let third = vm.wait_ready(&mut qemu)?;
+    eprintln!(
+        "vm-test: the update (UEFI, on trial) is ready in {:.0?}",
+        third
+    );
+    let updated = CheckInside {
         room: &room,
         identity_sha: &before_sha,
         upload_limit: "77M",
         version: NEWER_VERSION,
         previous: FIRST_VERSION,
+        failed: "",
+        stale_image: STALE_IMAGE,
     };
-    let mut qemu = vm.boot_with(Firmware::Uefi, &check.credentials())?;
-    let third = vm.wait_ready(&mut qemu)?;
-    eprintln!("vm-test: the updated appliance is ready in {:.0?}", third);
-    vm.wait_for(&mut qemu, CHECK_MARKER)?;
-    let verdict = vm.console_line(CHECK_MARKER)?;
+    vm.check_over_ssh(&updated)?;
+    eprintln!("vm-test: the update passed its health gate and was kept; data and identity intact");
+    vm.check_from_refusal()?;
+
+    // A broken version (its Synapse never starts) is applied; on trial it
+    // fails its health gate on each of its tries, and systemd-boot boots the
+    // kept version again, which checks itself from the inside (no SSH: a
+    // unit passed in as credentials checks, says so on the console and
+    // powers the VM off).
+    let broken = build_broken(&build, &work)?;
+    server.serve(broken.join("update"));
+    let out = vm.ssh("matrixctl update apply --no-reboot 2>&1")?;
     ensure!(
-        verdict.ends_with("passed"),
-        "the updated appliance's own check: {verdict}"
+        out.contains(&format!("{BROKEN_VERSION} installed")),
+        "the broken version was not installed:\n{out}"
     );
-    vm.wait_powered_off(&mut qemu)?;
-    eprintln!("vm-test: the updated appliance checked itself and powered off: {verdict}");
+    vm.shutdown(qemu)?;
+    let fallback = CheckInside {
+        previous: BROKEN_VERSION,
+        failed: BROKEN_VERSION,
+        stale_image: "",
+        ..updated
+    };
+    let started_trials = Instant::now();
+    let mut qemu = vm.boot_rebooting(Firmware::Uefi, &fallback.credentials())?;
+    vm.expect_self_check(&mut qemu, "UEFI fallback")?;
+    let failures = vm.gate_failures(BROKEN_VERSION)?;
+    ensure!(
+        failures == 3,
+        "the broken version failed its health gate {failures} times under UEFI, not 3 (its tries)"
+    );
+    eprintln!(
+        "vm-test: UEFI: the broken version failed its 3 tries, the kept one booted again ({:.0?})",
+        started_trials.elapsed()
+    );
+
+    // The same fallback under legacy BIOS, counted by GRUB: the broken
+    // version back on trial with one try left (as after two failed tries),
+    // written into the ESP's GRUB environment block from the host.
+    vm.set_grub_trial(&first_image, BROKEN_VERSION, 1)?;
+    let started_trials = Instant::now();
+    let mut qemu = vm.boot_rebooting(Firmware::Bios, &fallback.credentials())?;
+    vm.expect_self_check(&mut qemu, "BIOS fallback")?;
+    let failures = vm.gate_failures(BROKEN_VERSION)?;
+    ensure!(
+        failures == 1,
+        "the broken version failed its health gate {failures} times under BIOS, not 1 (its last try)"
+    );
+    eprintln!(
+        "vm-test: BIOS: the broken version failed its last try, GRUB booted the kept one ({:.0?})",
+        started_trials.elapsed()
+    );
     eprintln!("vm-test: passed ({:.0?} in all)", started.elapsed());
     Ok(())
 }
@@ -339,7 +390,7 @@ impl Vm {
     /// byte of the root image changed, which must be refused with nothing
     /// changed, then the real update, installed beside the running version.
     fn apply_update(&self, server: &crate::http::StaticServer, update: &Path) -> Result<()> {
-        let slots = "udevadm settle; lsblk -rno PARTLABEL | grep -E '^(appliance_|_empty)' | sort | tr '\\n' ' '";
+        let slots = SLOTS;
         let before = self.ssh(slots)?;
         ensure!(
             before.trim() == format!("_empty appliance_{FIRST_VERSION}"),
@@ -378,6 +429,106 @@ impl Vm {
             "no pre-update dump of Synapse's database"
         );
         Ok(())
+    }
+
+    /// The same checks as [`CheckInside`], over SSH.
+    fn check_over_ssh(&self, check: &CheckInside) -> Result<()> {
+        let mut child = ssh_command(&self.key, self.ssh_port, "sh -s")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running ssh")?;
+        child
+            .stdin
+            .take()
+            .context("ssh's stdin")?
+            .write_all(check.script().as_bytes())?;
+        let out = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            text.contains(&format!("{CHECK_MARKER}passed")),
+            "the appliance's check: {}{}",
+            text.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    }
+
+    /// `--from` a directory whose file does not match SHA256SUMS is refused
+    /// and changes nothing.
+    fn check_from_refusal(&self) -> Result<()> {
+        let slots = self.ssh(SLOTS)?;
+        let out = self.ssh(
+            "d=$(mktemp -d); printf 'not a kernel' >$d/appliance_29991231.1.vmlinuz; \
+             printf '%064d  appliance_29991231.1.vmlinuz\\n' 0 >$d/SHA256SUMS; \
+             matrixctl update apply --from $d --no-reboot 2>&1; echo \"exit=$?\"; rm -r $d",
+        )?;
+        ensure!(
+            out.contains("do not match SHA256SUMS") && out.trim_end().ends_with("exit=1"),
+            "a damaged --from directory was not refused as such: {out}"
+        );
+        ensure!(
+            self.ssh(SLOTS)? == slots,
+            "a refused --from changed the root slots"
+        );
+        eprintln!("vm-test: a damaged --from directory is refused and changes nothing");
+        Ok(())
+    }
+
+    /// Waits for the inside check's verdict on the console (the boot that
+    /// runs it may come after reboots), which must be "passed", and for the
+    /// VM to power off.
+    fn expect_self_check(&self, qemu: &mut Qemu, what: &str) -> Result<()> {
+        self.wait_for(qemu, CHECK_MARKER)?;
+        let verdict = self.console_line(CHECK_MARKER)?;
+        ensure!(
+            verdict.ends_with("passed"),
+            "{what}: the appliance's own check: {verdict}"
+        );
+        self.wait_powered_off(qemu)?;
+        eprintln!("vm-test: {what}: the appliance checked itself and powered off: {verdict}");
+        Ok(())
+    }
+
+    /// How often `version` failed its health gate in this qemu run (the
+    /// gate says so on the console).
+    fn gate_failures(&self, version: &str) -> Result<usize> {
+        let text = fs::read(self.work.join("serial.log"))?;
+        let line = format!("matrix-appliance: health gate: {version} FAILED");
+        Ok(String::from_utf8_lossy(&text).matches(&line).count())
+    }
+
+    /// Writes GRUB's environment block on the (raw) disk's ESP from the host
+    /// (mtools): `version` on trial with `tries` left, the newer one good.
+    fn set_grub_trial(&self, manifest_dir: &Path, version: &str, tries: u32) -> Result<()> {
+        ensure!(
+            self.disk == Disk::Raw,
+            "the disk must be raw to edit its ESP"
+        );
+        let manifest: Value = serde_json::from_slice(&fs::read(
+            manifest_dir.join(format!("{PROFILE}.manifest.json")),
+        )?)?;
+        let esp = manifest["disk"]["partitions"]
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["label"] == "esp"))
+            .and_then(|p| p["offset"].as_u64())
+            .context("the manifest gives no ESP offset")?;
+        let mut block = format!(
+            "# GRUB Environment Block\nappliance_good={NEWER_VERSION}\nappliance_try={version}\n\
+             appliance_tries={tries}\nappliance_bad=\n"
+        )
+        .into_bytes();
+        block.resize(1024, b'#');
+        fs::write(self.work.join("grubenv"), block)?;
+        let script = self.in_tools_root(&format!(
+            "mcopy -o -i /work/{}@@{esp} /work/grubenv ::grub/grubenv",
+            Disk::Raw.file()
+        ));
+        run_ok(
+            &mut in_private_mounts(&script),
+            "mcopy (GRUB's environment block)",
+        )
     }
 
     /// The machine's identity and secrets are what they were, and no
@@ -429,6 +580,21 @@ impl Vm {
         firmware: Firmware,
         credentials: &[(String, String)],
     ) -> Result<Qemu> {
+        self.launch(firmware, credentials, false)
+    }
+
+    /// Like [`Vm::boot_with`], but the guest's reboots restart it in the same
+    /// qemu (boot counting needs them); it ends when the guest powers off.
+    fn boot_rebooting(&self, firmware: Firmware, credentials: &[(String, String)]) -> Result<Qemu> {
+        self.launch(firmware, credentials, true)
+    }
+
+    fn launch(
+        &self,
+        firmware: Firmware,
+        credentials: &[(String, String)],
+        reboots: bool,
+    ) -> Result<Qemu> {
         let serial = self.work.join("serial.log");
         let _ = fs::remove_file(&serial);
         fs::write(&serial, "")?;
@@ -458,6 +624,7 @@ impl Vm {
             smbios += &format!(" -smbios type=11,path=/work/{file}");
         }
         let accel = self.accel;
+        let no_reboot = if reboots { "" } else { "-no-reboot" };
         let (disk, format) = (self.disk.file(), self.disk.format());
         // The guest's only way out: the update server, at UPDATE_HOST.
         let guestfwd = self
@@ -467,7 +634,7 @@ impl Vm {
             .unwrap_or_default();
         let qemu = format!(
             "qemu-system-x86_64 {MACHINE} -accel {accel} \
-             -nographic -no-reboot {firmware_args} \
+             -nographic {no_reboot} {firmware_args} \
              -drive if=virtio,file=/work/{disk},format={format} \
              -netdev 'user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{}-:22,hostfwd=tcp:127.0.0.1:{}-:443,hostfwd=tcp:127.0.0.1:{}-:{PROBE_PORT}{guestfwd}' \
              -device virtio-net-pci,netdev=n0,romfile= \
@@ -531,25 +698,7 @@ impl Vm {
     }
 
     pub(crate) fn ssh(&self, command: &str) -> Result<String> {
-        let out = Command::new("ssh")
-            .arg("-i")
-            .arg(&self.key)
-            .args([
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
-                "-o",
-                "ConnectTimeout=30",
-                "-o",
-                "BatchMode=yes",
-                "-p",
-                &self.ssh_port.to_string(),
-                "root@127.0.0.1",
-                command,
-            ])
+        let out = ssh_command(&self.key, self.ssh_port, command)
             .output()
             .context("running ssh")?;
         if !out.status.success() {
@@ -930,6 +1079,32 @@ const IDENTITY: &str = "cat /etc/machine-id; \
      cd /var/lib/matrix && find secrets synapse/secrets synapse/appservices bridges/*/secrets \
      -type f ! -name matrixctl-token -exec sha256sum {} + | sort -k2";
 
+/// ssh as root into the VM (through the forwarded port) running `command`.
+fn ssh_command(key: &Path, port: u16, command: &str) -> Command {
+    let mut cmd = Command::new("ssh");
+    cmd.arg("-i").arg(key).args([
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+        "-o",
+        "ConnectTimeout=30",
+        "-o",
+        "BatchMode=yes",
+        "-p",
+        &port.to_string(),
+        "root@127.0.0.1",
+        command,
+    ]);
+    cmd
+}
+
+/// The root slots' labels, sorted.
+const SLOTS: &str =
+    "udevadm settle; lsblk -rno PARTLABEL | grep -E '^(appliance_|_empty)' | sort | tr '\\n' ' '";
+
 /// The embedded image the reboot leaves an older copy of in /var.
 const STALE_IMAGE: &str = "localhost/matrix-appliance/synapse:embedded";
 
@@ -947,9 +1122,13 @@ struct CheckInside<'a> {
     identity_sha: &'a str,
     /// The updated image's max_upload_size.
     upload_limit: &'a str,
-    /// The version that must run, and the one installed beside it.
+    /// The version that must run, the one installed beside it, and one
+    /// that must be marked bad ("" for none).
     version: &'a str,
     previous: &'a str,
+    failed: &'a str,
+    /// The image the boot must have removed from /var ("": not checked).
+    stale_image: &'a str,
 }
 
 impl CheckInside<'_> {
@@ -970,13 +1149,15 @@ ExecStart=/bin/sh %d/vm-test-check.sh
         let (room, text) = self.room;
         format!(
             "matrix_host='{MATRIX_HOST}'\nroom='{room}'\ntext='{text}'\n\
-             identity_sha='{}'\nupload_limit='{}'\nstale_image='{STALE_IMAGE}'\n\
-             version='{}'\nprevious='{}'\n\
+             identity_sha='{}'\nupload_limit='{}'\nstale_image='{}'\n\
+             version='{}'\nprevious='{}'\nfailed='{}'\n\
              identity() {{ {IDENTITY}; }}\n{}",
             self.identity_sha,
             self.upload_limit,
+            self.stale_image,
             self.version,
             self.previous,
+            self.failed,
             include_str!("vm-check.sh")
         )
     }
@@ -994,6 +1175,60 @@ ExecStart=/bin/sh %d/vm-test-check.sh
             ("vm-test-check.sh".into(), self.script()),
         ]
     }
+}
+
+/// Builds the broken version: the project copied with a test-only layer
+/// whose drop-in makes Synapse's unit fail before it starts, added to the
+/// profile (so the build is the same profile, other than that).
+fn build_broken(build: &dyn Fn(&str, &[&str]) -> Result<PathBuf>, work: &Path) -> Result<PathBuf> {
+    let project = work.join("broken-project");
+    let _ = fs::remove_dir_all(&project);
+    fs::create_dir_all(&project)?;
+    for dir in ["layers", "profiles", "images"] {
+        run_ok(
+            Command::new("cp")
+                .arg("-a")
+                .arg(repo().join(dir))
+                .arg(&project),
+            "cp (the project)",
+        )?;
+    }
+    let layer = project.join("layers/vm-test-broken-synapse");
+    let dropin = layer.join("root/usr/lib/systemd/system/matrix-synapse.service.d");
+    fs::create_dir_all(&dropin)?;
+    fs::write(
+        layer.join("layer.toml"),
+        "description = \"vm-test only: Synapse's unit fails before it starts\"\n\
+         requires = [\"homeserver\"]\n",
+    )?;
+    fs::write(
+        dropin.join("99-vm-test-broken.conf"),
+        "[Service]\nExecStartPre=/bin/false\n",
+    )?;
+    let profile = project.join(format!("profiles/{PROFILE}.toml"));
+    let text = fs::read_to_string(&profile)?;
+    fs::write(
+        &profile,
+        text.replacen(
+            "outputs =",
+            "layers = [\"vm-test-broken-synapse\"]\noutputs =",
+            1,
+        ),
+    )?;
+    let out = build(
+        "out-broken",
+        &[
+            "--project",
+            project.to_str().context("a UTF-8 work path")?,
+            "--set",
+            "max_upload_size=77M",
+            "--version",
+            BROKEN_VERSION,
+        ],
+    )?;
+    remove_images(&out, &["raw", "qcow2", "bundle.tar"])?;
+    fs::remove_dir_all(&project)?;
+    Ok(out)
 }
 
 /// A copy of an update directory with one byte of its root image changed
