@@ -135,17 +135,38 @@ pub fn run(args: &[String]) -> Result<()> {
     // The finished image is cached by its inputs: made anew too.
     let _ = fs::remove_dir_all(cache.join("disk-image"));
     let again = build("out-again", &[])?;
-    for ext in ["raw", "qcow2"] {
-        let name = format!("{PROFILE}.{ext}");
+    // The update files too: SHA256SUMS lists each by its hash.
+    let update_sums = fs::read_to_string(first_image.join("update/SHA256SUMS"))?;
+    ensure!(
+        update_sums.lines().count() == 5,
+        "update/SHA256SUMS does not list the root, UKI, kernel, initramfs and GRUB entry:\n{update_sums}"
+    );
+    let mut names = vec![
+        format!("{PROFILE}.raw"),
+        format!("{PROFILE}.qcow2"),
+        "update/SHA256SUMS".to_string(),
+    ];
+    for line in update_sums.lines() {
+        let (_, name) = line.split_once("  ").context("a SHA256SUMS line")?;
+        names.push(format!("update/{name}"));
+    }
+    for name in &names {
         ensure!(
-            sha256(&first_image.join(&name))? == sha256(&again.join(&name))?,
+            sha256(&first_image.join(name))? == sha256(&again.join(name))?,
             "two builds of the same inputs gave different {name} files ({} and {})",
             first_image.display(),
             again.display()
         );
     }
+    for line in update_sums.lines() {
+        let (sum, name) = line.split_once("  ").context("a SHA256SUMS line")?;
+        ensure!(
+            sha256(&first_image.join("update").join(name))? == sum,
+            "update/{name} does not match its line in update/SHA256SUMS"
+        );
+    }
     fs::remove_dir_all(&again)?;
-    eprintln!("vm-test: a second build from a new base is byte-identical");
+    eprintln!("vm-test: a second build from a new base is byte-identical (images and update/)");
 
     // The qcow2, as a VPS provider takes it, boots first and reboots; the
     // upgrade writes raw partitions over the same disk made raw.
@@ -1203,7 +1224,8 @@ fn build_broken(build: &dyn Fn(&str, &[&str]) -> Result<PathBuf>, work: &Path) -
     )?;
     fs::write(
         dropin.join("99-vm-test-broken.conf"),
-        "[Service]\nExecStartPre=/bin/false\n",
+        // Fails at once and again every second: the gate sees it fail within seconds.
+        "[Service]\nExecStartPre=/bin/false\nRestartSec=1s\n",
     )?;
     let profile = project.join(format!("profiles/{PROFILE}.toml"));
     let text = fs::read_to_string(&profile)?;
