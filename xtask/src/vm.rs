@@ -7,14 +7,17 @@
 //! no route anywhere (user networking with `restrict=on`; only loopback
 //! ports forwarded to the VM's 22, 443 and a port the firewall must drop):
 //!
-//! 1. UEFI (OVMF), first boot;
-//! 2. the same disk with legacy BIOS (SeaBIOS): the reboot;
-//! 3. the update: a newer version (another upload limit) served from a
-//!    loopback HTTP server the guest reaches through qemu's guestfwd; in the
-//!    BIOS boot `matrixctl update apply` refuses a copy with one changed byte
-//!    and installs the real one into the empty root slot; the disk, made
-//!    raw, boots it with UEFI on trial, and it must pass its health gate and
-//!    be kept.
+//! 1. UEFI (OVMF), first boot; a newer version is then served as an
+//!    update (the guest's update_url reaches a loopback HTTP server through
+//!    qemu's guestfwd): a copy with one changed byte is refused, the real one
+//!    is installed into the empty root slot;
+//! 2. the reboot, with legacy BIOS (SeaBIOS → GRUB), into the update on
+//!    trial: it must pass its health gate and be kept; a broken version (its
+//!    Synapse never starts) is applied;
+//! 3. UEFI, from the disk made raw: the broken version fails its 3 tries
+//!    and systemd-boot boots the kept version again;
+//! 4. BIOS: the broken version back on trial for GRUB with one try left
+//!    fails it, and GRUB boots the kept version again.
 //!
 //! Each boot waits for the appliance's own console line ("matrix-appliance:
 //! ready"). The first two are then checked from outside, over SSH and the
@@ -26,13 +29,16 @@
 //! service on a closed port answers inside, not from outside until a rule
 //! accepts the port), creates a room and a message, and
 //! the Telegram bridge's bot (its image built locally and embedded) answers
-//! `help`; the reboot reads the message back and finds the same machine ID,
-//! SSH host key, secrets and bridge registrations, with no first-boot step
-//! run again, then leaves another image under Synapse's name in /var (as an
-//! appliance that once loaded its images there has), which the upgrade must
-//! remove to run its own. The update is checked from the inside with no SSH at all: a
-//! unit passed in as systemd credentials runs the same checks
-//! (vm-check.sh), prints the verdict on the serial console and powers the
+//! `help`, then leaves another image under Synapse's name in /var (as an
+//! appliance that once loaded its images there has), which the update must
+//! remove to run its own. The reboot reads the message back and finds the same
+//! machine ID, SSH host key, secrets and bridge registrations, with no
+//! first-boot step run again, and runs vm-check.sh over SSH: the new version
+//! from its own slot, its health gate passed, kept, the upload limit in use.
+//! The fallbacks are checked from the inside with no SSH at all: a unit
+//! passed in as systemd credentials runs vm-check.sh once the kept version is
+//! up again (the broken one marked bad for both boot loaders), prints the
+//! verdict on the serial console and powers the
 //! VM off (mkosi's check-and-shutdown pattern). qemu uses KVM when a probe
 //! boots with it, else TCG.
 
@@ -176,7 +182,21 @@ pub fn run(args: &[String]) -> Result<()> {
     // (~1.5 GB) would only crowd a CI machine's disk.
     remove_images(&first_image, &["raw", "qcow2", "bundle.tar"])?;
 
-    // First boot (UEFI).
+    // The newer version (another upload limit) and a broken one (its
+    // Synapse never starts), built now while no VM runs; served to the guest
+    // as updates from a loopback HTTP server (first a tampered copy).
+    let newer = build(
+        "out-newer",
+        &["--set", "max_upload_size=77M", "--version", NEWER_VERSION],
+    )?;
+    remove_images(&newer, &["raw", "qcow2", "bundle.tar"])?;
+    let broken = build_broken(&build, &work)?;
+    let update = newer.join("update");
+    let tampered = tampered_copy(&update, &work.join("update-tampered"))?;
+    let server = crate::http::StaticServer::start(tampered)?;
+    vm.update_port = Some(server.port);
+
+    // First boot (UEFI); then the update is applied.
     let mut qemu = vm.boot(Firmware::Uefi)?;
     let first = vm.wait_ready(&mut qemu)?;
     eprintln!("vm-test: UEFI first boot ready in {:.0?}", first);
@@ -187,41 +207,22 @@ pub fn run(args: &[String]) -> Result<()> {
     vm.check_firewall()?;
     let room = vm.check_matrix(None)?;
     vm.check_telegram_bridge()?;
-    vm.shutdown(qemu)?;
-
-    // The newer version (another upload limit), served to the guest as an
-    // update from a loopback HTTP server.
-    let newer = build(
-        "out-newer",
-        &["--set", "max_upload_size=77M", "--version", NEWER_VERSION],
-    )?;
-    remove_images(&newer, &["raw", "qcow2", "bundle.tar"])?;
-    let update = newer.join("update");
-    let tampered = tampered_copy(&update, &work.join("update-tampered"))?;
-    let server = crate::http::StaticServer::start(tampered)?;
-    vm.update_port = Some(server.port);
-
-    // The same disk with BIOS firmware: the reboot; then the update.
-    let mut qemu = vm.boot(Firmware::Bios)?;
-    let second = vm.wait_ready(&mut qemu)?;
-    eprintln!("vm-test: BIOS boot (reboot) ready in {:.0?}", second);
-    vm.check_system()?;
-    vm.check_same_machine(&before)?;
-    vm.check_matrix(Some(&room))?;
     vm.leave_older_synapse_copy()?;
     vm.apply_update(&server, &update)?;
     vm.shutdown(qemu)?;
 
-    // The update boots (UEFI, from the disk made raw) on trial, passes its
-    // health gate and is kept; /var stays. Checked over SSH with the same
-    // script as the inside checks below.
-    vm.make_disk_raw()?;
-    let mut qemu = vm.boot(Firmware::Uefi)?;
-    let third = vm.wait_ready(&mut qemu)?;
+    // The reboot, with BIOS firmware, into the update on trial: it passes
+    // its health gate and is kept; the machine, its data and /var stay. Then
+    // the broken version is applied.
+    let mut qemu = vm.boot(Firmware::Bios)?;
+    let second = vm.wait_ready(&mut qemu)?;
     eprintln!(
-        "vm-test: the update (UEFI, on trial) is ready in {:.0?}",
-        third
+        "vm-test: BIOS reboot into the update (on trial) ready in {:.0?}",
+        second
     );
+    vm.check_system()?;
+    vm.check_same_machine(&before)?;
+    vm.check_matrix(Some(&room))?;
     let updated = CheckInside {
         room: &room,
         identity_sha: &before_sha,
@@ -234,13 +235,6 @@ pub fn run(args: &[String]) -> Result<()> {
     vm.check_over_ssh(&updated)?;
     eprintln!("vm-test: the update passed its health gate and was kept; data and identity intact");
     vm.check_from_refusal()?;
-
-    // A broken version (its Synapse never starts) is applied; on trial it
-    // fails its health gate on each of its tries, and systemd-boot boots the
-    // kept version again, which checks itself from the inside (no SSH: a
-    // unit passed in as credentials checks, says so on the console and
-    // powers the VM off).
-    let broken = build_broken(&build, &work)?;
     server.serve(broken.join("update"));
     let out = vm.ssh("matrixctl update apply --no-reboot 2>&1")?;
     ensure!(
@@ -248,6 +242,12 @@ pub fn run(args: &[String]) -> Result<()> {
         "the broken version was not installed:\n{out}"
     );
     vm.shutdown(qemu)?;
+
+    // UEFI, from the disk made raw: the broken version fails its health gate
+    // on each of its tries and systemd-boot boots the kept version again,
+    // which checks itself from the inside (no SSH: a unit passed in as
+    // credentials checks, says so on the console and powers the VM off).
+    vm.make_disk_raw()?;
     let fallback = CheckInside {
         previous: BROKEN_VERSION,
         failed: BROKEN_VERSION,
