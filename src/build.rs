@@ -32,6 +32,8 @@ pub struct BuildRequest {
     pub epoch: u64,
     /// The disk image's version (`build --version`); see [`disk::version`].
     pub version: Option<String>,
+    /// The keys that sign the update and that the image trusts.
+    pub keys: disk::signing::Keys,
 }
 
 /// What `build --json` prints (versioned).
@@ -69,6 +71,13 @@ pub fn build(req: &BuildRequest, progress: &mut Progress) -> Result<BuildReport>
         plan.profile.version.as_deref(),
         req.epoch,
     )?;
+    if !req.keys.is_empty() && !makes_disk {
+        return Err(crate::error::usage(
+            "--sign-key and --trust-key are for the disk image's updates; this build makes no \
+             disk image (see the profile's outputs and --output)",
+        ));
+    }
+    req.keys.check()?;
     if makes_disk {
         disk::preflight(&req.project)?;
     }
@@ -156,6 +165,7 @@ pub fn build(req: &BuildRequest, progress: &mut Progress) -> Result<BuildReport>
             &cache,
             req.epoch,
             &version,
+            &req.keys,
             progress,
         )?;
         for (path, ext) in [(&disk.raw, "raw"), (&disk.qcow2, "qcow2")] {

@@ -77,6 +77,15 @@ enum Command {
         /// YYYYMMDD.HHMMSS]
         #[arg(long, value_name = "VERSION")]
         version: Option<String>,
+        /// Sign update/SHA256SUMS with this OpenPGP secret key (no
+        /// passphrase; Ed25519 or RSA for reproducible signatures); the image
+        /// trusts its public key
+        #[arg(long, value_name = "FILE")]
+        sign_key: Option<PathBuf>,
+        /// Also trust updates signed by this OpenPGP public key (repeatable;
+        /// e.g. the key that will sign later versions)
+        #[arg(long, value_name = "FILE")]
+        trust_key: Vec<PathBuf>,
         /// Print a versioned JSON report on stdout
         #[arg(long)]
         json: bool,
@@ -182,6 +191,7 @@ fn build_request(
         cache_dir: cache::default_dir(cache_dir.as_deref())?,
         epoch: epoch::from_env()?,
         version: None,
+        keys: Default::default(),
     })
 }
 
@@ -193,10 +203,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             out,
             cache_dir,
             version,
+            sign_key,
+            trust_key,
             json,
         } => {
             let mut req = build_request(project()?, &site, out, cache_dir)?;
             req.version = version;
+            req.keys = builder::disk::signing::Keys {
+                sign: sign_key,
+                trust: trust_key,
+            };
             let mut progress = Progress::new(cli.quiet || json);
             let report = build::build(&req, &mut progress)?;
             if json {

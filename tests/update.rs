@@ -48,6 +48,56 @@ fn a_bad_image_version_is_a_usage_error_naming_where_it_came_from() {
     assert_exit(&o, 0);
 }
 
+#[test]
+fn signing_keys_need_a_disk_image_and_a_readable_file() {
+    let p = Project::copy_of_repo();
+    let o = p.builder(&[
+        "build",
+        "--profile",
+        "vps",
+        "--output",
+        "bundle",
+        "--sign-key",
+        "key.sec",
+    ]);
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).contains("--sign-key and --trust-key are for the disk image's updates"),
+        "{}",
+        stderr(&o)
+    );
+    let o = p.builder(&[
+        "build",
+        "--profile",
+        "minimal",
+        "--trust-key",
+        "missing.pub",
+    ]);
+    assert_exit(&o, 2);
+    // A disk build checks the key file before any work (and before root is
+    // needed, so this holds for any user).
+    let o = p.builder(&[
+        "build",
+        "--profile",
+        "vps",
+        "--output",
+        "disk",
+        "--sign-key",
+        "/nonexistent/key.sec",
+    ]);
+    assert_exit(&o, 1);
+    assert!(
+        stderr(&o).contains("cannot read the key file /nonexistent/key.sec"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        !p.out().exists(),
+        "a refused build wrote {:?}",
+        p.out_files()
+    );
+}
+
 /// `appliance-update` as the disk image has it, rendered.
 fn updater(p: &Project) -> std::path::PathBuf {
     let o = p.builder(&["render", "--profile", "vps", "--out", "tree"]);

@@ -22,6 +22,7 @@ mod base;
 mod boot;
 mod image_store;
 mod partition;
+pub mod signing;
 pub mod spec;
 mod tools;
 mod update;
@@ -101,7 +102,9 @@ pub fn preflight(project: &Project) -> Result<()> {
 }
 
 /// Builds the disk image of `plan` from the merged tree of its layers
-/// (embedded images included).
+/// (embedded images included), as image version `version`, its update
+/// signed and trusted with `keys`.
+#[allow(clippy::too_many_arguments)]
 pub fn build(
     project: &Project,
     plan: &Plan,
@@ -109,6 +112,7 @@ pub fn build(
     cache: &Cache,
     epoch: u64,
     version: &str,
+    keys: &signing::Keys,
     progress: &mut Progress,
 ) -> Result<DiskImages> {
     let spec = spec::load(project)?;
@@ -130,6 +134,7 @@ pub fn build(
         .add(tools.root.as_os_str().as_encoded_bytes())
         .add(seed.as_bytes())
         .add(version.as_bytes())
+        .add(&keys.digest()?)
         .add_tree(merged);
     let mut built = false;
     let dir =
@@ -149,6 +154,8 @@ pub fn build(
                 epoch,
                 version,
             )?;
+            let keyring = signing::keyring(&tools, scratch.path(), keys, epoch)?;
+            signing::install_keyring(&scratch.path().join("root"), keyring.as_deref(), epoch)?;
             let uuids = partition::root_uuids(&seed, version);
             progress.note(&format!(
                 "disk: version {version}: root file system, unified kernel image, boot files"
@@ -168,6 +175,10 @@ pub fn build(
             partition::to_qcow2(&tools, scratch.path())?;
             progress.note("disk: the update files (update/)");
             update::make(&tools, scratch.path(), version, &uuids.partition, epoch)?;
+            if keys.sign.is_some() {
+                signing::sign(&tools, scratch.path(), epoch)?;
+            }
+            signing::forget(&tools, scratch.path(), keyring.is_some(), epoch)?;
             let raw = scratch.path().join("disk.raw");
             let info = DiskInfo {
                 image_id: version::IMAGE_ID.to_string(),

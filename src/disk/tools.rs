@@ -33,6 +33,9 @@ const PACKAGES: &[&str] = &[
     // the unified kernel image systemd-boot starts, and the compressed update files
     "systemd-ukify",
     "xz-utils",
+    // signs update/SHA256SUMS (build --sign-key)
+    "gpg",
+    "gpg-agent",
 ];
 
 pub struct Tools {

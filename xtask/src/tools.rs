@@ -56,8 +56,11 @@ const PACKAGES: &[&str] = &[
     // the VM test: qemu's guestfwd runs nc for each of the guest's connections to the
     // update server
     "netcat-openbsd",
-    // ... and mcopy writes GRUB's environment block on the disk's ESP (BIOS fallback)
+    // ... and mcopy writes GRUB's environment block on the disk's ESP (BIOS fallback);
+    // gpg makes the keys that sign the updates
     "mtools",
+    "gpg",
+    "gpg-agent",
     // what mautrix-telegram (PyPI wheels) needs from Debian, as in its image: pyaes (an sdist
     // on PyPI) and libmagic for python-magic
     "python3-pyaes",

@@ -70,6 +70,8 @@ const NEWER_VERSION: &str = "20231115.1";
 /// A version whose Synapse never starts (a test-only layer): its tries must
 /// fail and the newer version boot again.
 const BROKEN_VERSION: &str = "20231116.1";
+/// The clock of the test keys' making: before TESTS_EPOCH.
+const KEYS_EPOCH: &str = "1690000000";
 /// Where the guest finds the update server (qemu's guestfwd to loopback).
 const UPDATE_HOST: &str = "10.0.2.100";
 /// First boot under TCG loads ~250 MB of images and initialises everything.
@@ -102,6 +104,7 @@ pub fn run(args: &[String]) -> Result<()> {
     )?;
     let pubkey = fs::read_to_string(key.with_extension("pub"))?;
 
+    let sign_key = make_keys(&tools.root, &work)?;
     let started = Instant::now();
     let build = |out: &str, extra: &[&str]| -> Result<PathBuf> {
         let out = work.join(out);
@@ -120,6 +123,8 @@ pub fn run(args: &[String]) -> Result<()> {
                 .args(["--set", &format!("ssh_authorized_keys={}", pubkey.trim())])
                 // The Telegram bridge, its image built locally and embedded.
                 .args(["--set", &format!("update_url=http://{UPDATE_HOST}/")])
+                .arg("--sign-key")
+                .arg(&sign_key)
                 .args(["--set", "bridges=telegram"])
                 .args(["--set", &format!("telegram_api_id={TELEGRAM_API_ID}")])
                 .args(["--set", &format!("telegram_api_hash={TELEGRAM_API_HASH}")])
@@ -193,6 +198,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let broken = build_broken(&build, &work)?;
     let update = newer.join("update");
     let tampered = tampered_copy(&update, &work.join("update-tampered"))?;
+    let wrong_key = wrongly_signed_copy(&tools.root, &work, &update)?;
     let server = crate::http::StaticServer::start(tampered)?;
     vm.update_port = Some(server.port);
 
@@ -208,7 +214,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let room = vm.check_matrix(None)?;
     vm.check_telegram_bridge()?;
     vm.leave_older_synapse_copy()?;
-    vm.apply_update(&server, &update)?;
+    vm.apply_update(&server, &update, &wrong_key)?;
     vm.shutdown(qemu)?;
 
     // The reboot, with BIOS firmware, into the update on trial: it passes
@@ -399,37 +405,47 @@ impl Vm {
     /// /dev and the work directory (as /work) mounted there; for
     /// [`in_private_mounts`], so the mounts stay in its namespace.
     fn in_tools_root(&self, command: &str) -> String {
-        format!(
-            "set -e\nmount -t proc proc {t}/proc\nmount --rbind /dev {t}/dev\nmkdir -p {t}/work\n\
-             mount --bind {w} {t}/work\nexec chroot {t} {command}",
-            t = self.tools.display(),
-            w = self.work.display()
-        )
+        in_tools(&self.tools, &self.work, command)
     }
 
     /// `matrixctl update apply` from the update server: first a copy with one
-    /// byte of the root image changed, which must be refused with nothing
-    /// changed, then the real update, installed beside the running version.
-    fn apply_update(&self, server: &crate::http::StaticServer, update: &Path) -> Result<()> {
+    /// byte of the root image changed, then one signed by a key the image
+    /// does not trust, both refused with nothing changed; then the real
+    /// update, installed beside the running version.
+    fn apply_update(
+        &self,
+        server: &crate::http::StaticServer,
+        update: &Path,
+        wrong_key: &Path,
+    ) -> Result<()> {
         let slots = SLOTS;
         let before = self.ssh(slots)?;
         ensure!(
             before.trim() == format!("_empty appliance_{FIRST_VERSION}"),
             "the disk's root slots are not this version's and an empty one: {before}"
         );
+        let esp = "ls /efi/appliance /efi/EFI/Linux";
+        let esp_before = self.ssh(esp)?;
         let refused = self.ssh("matrixctl update apply --no-reboot 2>&1; echo \"exit=$?\"")?;
         ensure!(
-            !refused.trim_end().ends_with("exit=0") && self.ssh(slots)? == before,
+            refused.trim_end().ends_with("exit=1") && self.ssh(slots)? == before,
             "a tampered update was not refused, or changed the slots: {refused}"
         );
         ensure!(
-            self.ssh("ls /efi/appliance /efi/EFI/Linux")?
-                .matches(NEWER_VERSION)
-                .count()
-                == 0,
-            "a refused update left files on the ESP"
+            self.ssh(esp)? == esp_before,
+            "a refused update changed the ESP"
         );
         eprintln!("vm-test: a tampered update is refused and changes nothing");
+        server.serve(wrong_key.to_path_buf());
+        let refused = self.ssh("matrixctl update apply --no-reboot 2>&1; echo \"exit=$?\"")?;
+        ensure!(
+            (refused.contains("cannot read the updates") || refused.contains("could not install"))
+                && refused.trim_end().ends_with("exit=1")
+                && self.ssh(slots)? == before
+                && self.ssh(esp)? == esp_before,
+            "an update signed by another key was not refused, or changed something: {refused}"
+        );
+        eprintln!("vm-test: an update signed by another key is refused and changes nothing");
         server.serve(update.to_path_buf());
         let out = self.ssh("matrixctl update apply --no-reboot 2>&1")?;
         eprintln!("vm-test: matrixctl update apply:\n{}", out.trim_end());
@@ -476,8 +492,8 @@ impl Vm {
         Ok(())
     }
 
-    /// `--from` a directory whose file does not match SHA256SUMS is refused
-    /// and changes nothing.
+    /// `--from` a directory without a signature is refused (the image takes
+    /// signed updates only) and changes nothing.
     fn check_from_refusal(&self) -> Result<()> {
         let slots = self.ssh(SLOTS)?;
         let out = self.ssh(
@@ -486,7 +502,7 @@ impl Vm {
              matrixctl update apply --from $d --no-reboot 2>&1; echo \"exit=$?\"; rm -r $d",
         )?;
         ensure!(
-            out.contains("do not match SHA256SUMS") && out.trim_end().ends_with("exit=1"),
+            out.contains("takes signed updates only") && out.trim_end().ends_with("exit=1"),
             "a damaged --from directory was not refused as such: {out}"
         );
         ensure!(
@@ -1251,6 +1267,97 @@ fn build_broken(build: &dyn Fn(&str, &[&str]) -> Result<PathBuf>, work: &Path) -
     remove_images(&out, &["raw", "qcow2", "bundle.tar"])?;
     fs::remove_dir_all(&project)?;
     Ok(out)
+}
+
+/// See [`Vm::in_tools_root`].
+fn in_tools(tools: &Path, work: &Path, command: &str) -> String {
+    format!(
+        "set -e\nmount -t proc proc {t}/proc\nmount --rbind /dev {t}/dev\nmkdir -p {t}/work\n\
+         mount --bind {w} {t}/work\nexec chroot {t} {command}",
+        t = tools.display(),
+        w = work.display()
+    )
+}
+
+/// gpg in the tools root with the home `work/keys/<key>`; the clock before
+/// the tests' epoch, so the keys are older than what they sign.
+fn gpg(tools: &Path, work: &Path, key: &str, args: &str) -> Result<()> {
+    let command = format!(
+        "gpg --homedir /work/keys/{key} --batch --quiet --pinentry-mode loopback --passphrase '' \
+         --faked-system-time {KEYS_EPOCH}! {args}"
+    );
+    run_ok(
+        &mut in_private_mounts(&in_tools(tools, work, &format!("sh -c \"{command}\""))),
+        &format!("gpg {args}"),
+    )
+}
+
+/// Two Ed25519 signing keys, `work/keys/{a,b}`: the images trust and are
+/// signed by `a` (its secret key exported to `work/keys/a.sec`); `b` signs
+/// the copy that must be refused.
+fn make_keys(tools: &Path, work: &Path) -> Result<PathBuf> {
+    for key in ["a", "b"] {
+        let home = work.join("keys").join(key);
+        fs::create_dir_all(&home)?;
+        fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        gpg(
+            tools,
+            work,
+            key,
+            &format!("--quick-gen-key 'vm-test update key {key}' ed25519 sign never"),
+        )?;
+    }
+    gpg(
+        tools,
+        work,
+        "a",
+        "--export-secret-keys --output /work/keys/a.sec",
+    )?;
+    stop_gpg_agents(tools, work)?;
+    Ok(work.join("keys/a.sec"))
+}
+
+/// A copy of an update directory whose SHA256SUMS is signed by key `b`,
+/// which the image does not trust.
+fn wrongly_signed_copy(tools: &Path, work: &Path, update: &Path) -> Result<PathBuf> {
+    let to = work.join("update-wrong-key");
+    let _ = fs::remove_dir_all(&to);
+    fs::create_dir_all(&to)?;
+    for entry in fs::read_dir(update)? {
+        let entry = entry?;
+        if entry.file_name() != "SHA256SUMS.gpg" {
+            fs::hard_link(entry.path(), to.join(entry.file_name()))?;
+        }
+    }
+    let rel = to
+        .strip_prefix(work)
+        .context("the copy is in the work directory")?;
+    gpg(
+        tools,
+        work,
+        "b",
+        &format!(
+            "--detach-sign --output /work/{r}/SHA256SUMS.gpg /work/{r}/SHA256SUMS",
+            r = rel.display()
+        ),
+    )?;
+    stop_gpg_agents(tools, work)?;
+    Ok(to)
+}
+
+/// gpg leaves an agent running per home: stopped, so none outlives the test.
+fn stop_gpg_agents(tools: &Path, work: &Path) -> Result<()> {
+    for key in ["a", "b"] {
+        run_ok(
+            &mut in_private_mounts(&in_tools(
+                tools,
+                work,
+                &format!("gpgconf --homedir /work/keys/{key} --kill all"),
+            )),
+            "gpgconf --kill all",
+        )?;
+    }
+    Ok(())
 }
 
 /// A copy of an update directory with one byte of its root image changed
