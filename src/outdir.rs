@@ -49,13 +49,9 @@ impl OutDir {
         self.dir.join(name)
     }
 
-    /// Writes `name` into a temporary file; returns its digest.
-    pub fn stage(
-        &mut self,
-        name: &str,
-        write: impl FnOnce(&mut dyn Write) -> Result<()>,
-    ) -> Result<Digest> {
-        // `name` may have directories (`well-known/matrix/server`).
+    /// A temporary file beside `name`'s final place (so that renaming it
+    /// there is atomic); `name` may have directories (`update/SHA256SUMS`).
+    fn temp_beside(&self, name: &str) -> Result<NamedTempFile> {
         let dest = self.dir.join(name);
         let parent = dest.parent().expect("a file in the output directory");
         fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
@@ -63,10 +59,19 @@ impl OutDir {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let tmp = tempfile::Builder::new()
+        tempfile::Builder::new()
             .prefix(&format!(".{base}."))
             .tempfile_in(parent)
-            .with_context(|| format!("creating a temporary file in {}", parent.display()))?;
+            .with_context(|| format!("creating a temporary file in {}", parent.display()))
+    }
+
+    /// Writes `name` into a temporary file; returns its digest.
+    pub fn stage(
+        &mut self,
+        name: &str,
+        write: impl FnOnce(&mut dyn Write) -> Result<()>,
+    ) -> Result<Digest> {
+        let tmp = self.temp_beside(name)?;
         let mut out = HashingWriter::new(BufWriter::new(tmp.as_file()));
         write(&mut out).with_context(|| format!("writing {name}"))?;
         let (mut buffered, digest, _) = out.finish();
@@ -93,17 +98,7 @@ impl OutDir {
         .finish()
         .with_context(|| format!("reading {}", src.display()))?
         .0;
-        let dest = self.dir.join(name);
-        let parent = dest.parent().expect("a file in the output directory");
-        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-        let base = dest
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!(".{base}."))
-            .tempfile_in(parent)
-            .with_context(|| format!("creating a temporary file in {}", parent.display()))?;
+        let tmp = self.temp_beside(name)?;
         let status = std::process::Command::new("cp")
             .arg("--sparse=always")
             .arg(src)
@@ -182,5 +177,45 @@ impl Drop for OutDir {
             self.staged.clear();
             let _ = fs::remove_dir(&self.dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stage_text(out: &mut OutDir, name: &str, text: &str) {
+        out.stage(name, |w| Ok(w.write_all(text.as_bytes())?))
+            .unwrap();
+    }
+
+    #[test]
+    fn a_replaced_directory_keeps_only_this_builds_files_and_their_sums() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        let mut out = OutDir::open(&path).unwrap();
+        stage_text(&mut out, "update/appliance_1.efi", "one");
+        stage_text(&mut out, "vps.raw", "raw");
+        out.commit().unwrap();
+
+        let mut out = OutDir::open(&path).unwrap();
+        out.replace_dir("update");
+        stage_text(&mut out, "update/appliance_2.efi", "two");
+        out.commit().unwrap();
+
+        assert!(!path.join("update/appliance_1.efi").exists());
+        assert_eq!(
+            fs::read_to_string(path.join("update/appliance_2.efi")).unwrap(),
+            "two"
+        );
+        // Other builds' files stay, with their lines.
+        assert!(path.join("vps.raw").exists());
+        let sums = fs::read_to_string(path.join(SUMS)).unwrap();
+        let names: Vec<&str> = sums
+            .lines()
+            .filter_map(|l| l.split_once("  "))
+            .map(|p| p.1)
+            .collect();
+        assert_eq!(names, ["update/appliance_2.efi", "vps.raw"], "{sums}");
     }
 }
