@@ -1484,10 +1484,16 @@ fn kvm_boots(tools: &Path) -> bool {
     {
         return false;
     }
+    // KVM works when the guest runs: UEFI firmware writes to the serial port
+    // within seconds. (A qemu that merely has not exited yet proves nothing:
+    // on a loaded machine it may not have reached KVM's failure.)
+    let serial = tools.join("tmp/vm-test-kvm-probe.log");
+    let _ = fs::remove_file(&serial);
     let script = format!(
         "mount -t proc proc {t}/proc && mount --rbind /dev {t}/dev && exec chroot {t} \
-         qemu-system-x86_64 {MACHINE} -accel kvm -nographic -display none \
-         -no-reboot -serial none -monitor none",
+         qemu-system-x86_64 {MACHINE} -accel kvm -nographic -display none -no-reboot \
+         -drive if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd \
+         -serial file:/tmp/vm-test-kvm-probe.log -monitor none",
         t = tools.display()
     );
     let Ok(mut child) = in_private_mounts(&script)
@@ -1498,11 +1504,22 @@ fn kvm_boots(tools: &Path) -> bool {
     else {
         return false;
     };
-    std::thread::sleep(Duration::from_secs(5));
-    let running = matches!(child.try_wait(), Ok(None));
+    let started = Instant::now();
+    let mut runs = false;
+    while started.elapsed() < Duration::from_secs(30) {
+        if fs::metadata(&serial).is_ok_and(|m| m.len() > 0) {
+            runs = true;
+            break;
+        }
+        if !matches!(child.try_wait(), Ok(None)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let _ = child.kill();
     let _ = child.wait();
-    running
+    let _ = fs::remove_file(&serial);
+    runs
 }
 
 fn run_ok(cmd: &mut Command, what: &str) -> Result<()> {
