@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::fs;
+
 use common::stack::{boot, prepare, server_names, Stack, CA};
 use common::*;
 
@@ -513,4 +515,168 @@ fn synapse_config_check_accepts_the_rendered_homeserver_yaml() {
             String::from_utf8_lossy(&o.stderr)
         );
     }
+}
+
+/// Issue 13 (database safety): after a rollback to an older version whose
+/// Synapse cannot use the database a newer one migrated, the dump the older
+/// version took before the update is restored before Synapse starts; while
+/// the database still suits it, nothing is touched. `appliance-update` runs
+/// as its units do, against this stack's PostgreSQL and Synapse.
+#[test]
+fn a_rolled_back_version_gets_back_the_databases_it_left_when_a_newer_synapse_moved_them_on() {
+    let project = Project::copy_of_repo();
+    let mut stack = boot(&project, &[("server_name", "rollback.example.net")]);
+    let updater = "/usr/libexec/matrix-appliance/appliance-update";
+    let env = [
+        (
+            "MATRIX_PG_EXEC",
+            "env PGHOST=127.0.0.1 PGPASSFILE=/var/lib/matrix/test-superuser.pgpass",
+        ),
+        ("MATRIX_SYSTEMCTL", ""),
+        ("MATRIX_IMAGE_VERSION", "1.0"),
+    ];
+    let synapse_sql = |stack: &Stack, query: &str| {
+        let o = stack.run_env(
+            &[("PGPASSFILE", "/var/lib/matrix/test-superuser.pgpass")],
+            "psql",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "synapse",
+                "-tAc",
+                query,
+            ],
+        );
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    // Version 1.0 passed its health gate: the schema its Synapse runs is recorded.
+    stack.run_env(&env, updater, &["record-schema"]);
+    let ours = fs::read_to_string(stack.state.join("update/schema-1.0")).unwrap();
+    assert_eq!(
+        ours.trim(),
+        synapse_sql(&stack, "SELECT version FROM schema_version")
+    );
+    let ours: u32 = ours.trim().parse().unwrap();
+
+    let base = "http://localhost:8008";
+    let token = login(
+        &stack,
+        base,
+        "admin",
+        &stack.secret("secrets/admin-password"),
+    )
+    .expect("admin login");
+    let room = authed(
+        &stack,
+        &token,
+        "POST",
+        &format!("{base}/_matrix/client/v3/createRoom"),
+        Some(&serde_json::json!({"name": "rollback"})),
+    );
+    let room_id = room.json()["room_id"].as_str().unwrap().to_string();
+    let room_path = room_id.replace('!', "%21").replace(':', "%3A");
+    let send = |stack: &Stack, txn: &str, body: &str| {
+        let sent = authed(
+            stack,
+            &token,
+            "PUT",
+            &format!("{base}/_matrix/client/v3/rooms/{room_path}/send/m.room.message/{txn}"),
+            Some(&serde_json::json!({"msgtype": "m.text", "body": body})),
+        );
+        assert_eq!(sent.status, 200, "{sent:?}");
+    };
+    let bodies = |stack: &Stack| -> Vec<String> {
+        let m = authed(
+            stack,
+            &token,
+            "GET",
+            &format!("{base}/_matrix/client/v3/rooms/{room_path}/messages?dir=b&limit=20"),
+            None,
+        );
+        m.json()["chunk"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["content"]["body"].as_str().map(str::to_string))
+            .collect()
+    };
+    send(&stack, "t1", "sent before the update");
+
+    // The update: 1.0 dumps every database first (as `matrixctl update apply`).
+    stack.stop("synapse");
+    stack.run_env(&env, updater, &["dump"]);
+    let info = fs::read_to_string(stack.state.join("update/dumps/1.0/INFO")).unwrap();
+    assert!(info.contains("version=1.0\n"), "{info}");
+    assert!(info.contains("synapse"), "{info}");
+    stack.start_synapse();
+    send(&stack, "t2", "sent after the update");
+
+    // Back on 1.0 with a database it can use: nothing is restored.
+    stack.stop("synapse");
+    let o = stack.run_env(&env, updater, &["restore-if-needed"]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("nothing to restore"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    stack.start_synapse();
+    let now = bodies(&stack);
+    assert!(
+        now.contains(&"sent after the update".to_string()),
+        "{now:?}"
+    );
+
+    // A newer Synapse moved the database beyond 1.0's schema: 1.0 gets back
+    // the databases it left, the newer ones dumped aside.
+    stack.stop("synapse");
+    synapse_sql(
+        &stack,
+        &format!(
+            "UPDATE schema_compat_version SET compat_version = {}",
+            ours + 1
+        ),
+    );
+    let o = stack.run_env(&env, updater, &["restore-if-needed"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("restored the databases as 1.0 left them"),
+        "{out}"
+    );
+    assert!(
+        synapse_sql(&stack, "SELECT compat_version FROM schema_compat_version")
+            .parse::<u32>()
+            .unwrap()
+            <= ours
+    );
+    let collation = stack
+        .sql("SELECT datcollate || ' ' || datctype FROM pg_database WHERE datname = 'synapse'");
+    assert_eq!(collation, "C C");
+    let aside: Vec<_> = fs::read_dir(stack.state.join("update/dumps"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("replaced-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the newer databases were not dumped aside");
+    assert!(aside[0].path().join("synapse.dump").is_file());
+    stack.start_synapse();
+    let now = bodies(&stack);
+    assert!(
+        now.contains(&"sent before the update".to_string()),
+        "{now:?}"
+    );
+    assert!(
+        !now.contains(&"sent after the update".to_string()),
+        "{now:?}"
+    );
+    // A second run finds the restore done: nothing more happens.
+    stack.stop("synapse");
+    let o = stack.run_env(&env, updater, &["restore-if-needed"]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("nothing to restore"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
 }

@@ -574,6 +574,19 @@ impl Stack {
         }
     }
 
+    /// Stops a program started by [`Self::spawn`] (SIGKILL, as a unit's
+    /// last resort) and waits for it.
+    pub fn stop(&mut self, name: &str) {
+        let i = self
+            .children
+            .iter()
+            .position(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no process {name} was started"));
+        let (_, mut child) = self.children.remove(i);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     /// The process id of a program started by [`Self::spawn`]: the program
     /// itself (`ip netns exec`, `unshare` and the sandbox's shell all exec
     /// it), e.g. to signal it as its unit's `ExecReload=` would.

@@ -77,6 +77,9 @@ if [ -n "$failed" ]; then
 			fail "$failed is not marked bad for systemd-boot: $(ls /efi/EFI/Linux | tr '\n' ' ')"
 	fi
 	matrixctl update status | grep -q "failed=$failed" || fail "matrixctl update status does not name $failed as failed"
+	# The same Synapse ran before and after: its database needed no restore.
+	journalctl -b -o cat -u matrix-update-restore.service | grep -q 'nothing to restore' ||
+		fail "matrix-update-restore.service did not find the database usable as it is"
 fi
 
 # This image's settings in use.

@@ -461,7 +461,7 @@ impl Vm {
             "the update is not on trial for both boot loaders:\n{status}"
         );
         ensure!(
-            self.ssh("ls /var/lib/matrix/update-dumps/*/")?
+            self.ssh("ls /var/lib/matrix/update/dumps/*/")?
                 .contains("synapse.dump"),
             "no pre-update dump of Synapse's database"
         );
