@@ -535,23 +535,7 @@ fn a_rolled_back_version_gets_back_the_databases_it_left_when_a_newer_synapse_mo
         ("MATRIX_SYSTEMCTL", ""),
         ("MATRIX_IMAGE_VERSION", "1.0"),
     ];
-    let synapse_sql = |stack: &Stack, query: &str| {
-        let o = stack.run_env(
-            &[("PGPASSFILE", "/var/lib/matrix/test-superuser.pgpass")],
-            "psql",
-            &[
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-d",
-                "synapse",
-                "-tAc",
-                query,
-            ],
-        );
-        String::from_utf8_lossy(&o.stdout).trim().to_string()
-    };
+    let synapse_sql = |stack: &Stack, query: &str| stack.sql_in("synapse", query);
     // Version 1.0 passed its health gate: the schema its Synapse runs is recorded.
     stack.run_env(&env, updater, &["record-schema"]);
     let ours = fs::read_to_string(stack.state.join("update/schema-1.0")).unwrap();

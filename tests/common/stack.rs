@@ -639,6 +639,11 @@ impl Drop for Stack {
 impl Stack {
     /// One value from PostgreSQL as the superuser.
     pub fn sql(&self, query: &str) -> String {
+        self.sql_in("postgres", query)
+    }
+
+    /// One value from `database` as the superuser.
+    pub fn sql_in(&self, database: &str, query: &str) -> String {
         let o = self.run_env(
             &[("PGPASSFILE", "/var/lib/matrix/test-superuser.pgpass")],
             "psql",
@@ -648,7 +653,7 @@ impl Stack {
                 "-U",
                 "postgres",
                 "-d",
-                "postgres",
+                database,
                 "-tAc",
                 query,
             ],
