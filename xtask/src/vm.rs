@@ -262,35 +262,13 @@ pub fn run(args: &[String]) -> Result<()> {
         stale_image: "",
         ..updated
     };
-    let started_trials = Instant::now();
-    let mut qemu = vm.boot_rebooting(Firmware::Uefi, &fallback.credentials())?;
-    vm.expect_self_check(&mut qemu, "UEFI fallback")?;
-    let failures = vm.gate_failures(BROKEN_VERSION)?;
-    ensure!(
-        failures == 3,
-        "the broken version failed its health gate {failures} times under UEFI, not 3 (its tries)"
-    );
-    eprintln!(
-        "vm-test: UEFI: the broken version failed its 3 tries, the kept one booted again ({:.0?})",
-        started_trials.elapsed()
-    );
+    vm.expect_fallback(Firmware::Uefi, &fallback, 3)?;
 
     // The same fallback under legacy BIOS, counted by GRUB: the broken
     // version back on trial with one try left (as after two failed tries),
     // written into the ESP's GRUB environment block from the host.
     vm.set_grub_trial(&first_image, BROKEN_VERSION, 1)?;
-    let started_trials = Instant::now();
-    let mut qemu = vm.boot_rebooting(Firmware::Bios, &fallback.credentials())?;
-    vm.expect_self_check(&mut qemu, "BIOS fallback")?;
-    let failures = vm.gate_failures(BROKEN_VERSION)?;
-    ensure!(
-        failures == 1,
-        "the broken version failed its health gate {failures} times under BIOS, not 1 (its last try)"
-    );
-    eprintln!(
-        "vm-test: BIOS: the broken version failed its last try, GRUB booted the kept one ({:.0?})",
-        started_trials.elapsed()
-    );
+    vm.expect_fallback(Firmware::Bios, &fallback, 1)?;
     eprintln!("vm-test: passed ({:.0?} in all)", started.elapsed());
     Ok(())
 }
@@ -531,6 +509,29 @@ impl Vm {
         );
         self.wait_powered_off(qemu)?;
         eprintln!("vm-test: {what}: the appliance checked itself and powered off: {verdict}");
+        Ok(())
+    }
+
+    /// Boots with reboots allowed: the broken version, on trial, fails its
+    /// health gate on each of its `tries` left, then the kept version boots
+    /// and checks itself (`check`) from the inside.
+    fn expect_fallback(&self, firmware: Firmware, check: &CheckInside, tries: usize) -> Result<()> {
+        let how = match firmware {
+            Firmware::Uefi => "UEFI",
+            Firmware::Bios => "BIOS",
+        };
+        let started = Instant::now();
+        let mut qemu = self.boot_rebooting(firmware, &check.credentials())?;
+        self.expect_self_check(&mut qemu, &format!("{how} fallback"))?;
+        let failures = self.gate_failures(BROKEN_VERSION)?;
+        ensure!(
+            failures == tries,
+            "the broken version failed its health gate {failures} times under {how}, not {tries} (its tries left)"
+        );
+        eprintln!(
+            "vm-test: {how}: the broken version failed its {tries} tries left, the kept one booted again ({:.0?})",
+            started.elapsed()
+        );
         Ok(())
     }
 
