@@ -63,6 +63,24 @@ pub struct LayerReport {
     pub cached: bool,
 }
 
+/// The keys of `--sign-key` and `--trust-key`, and for a disk image those of the
+/// site value `update_trust_keys` (public key files the image trusts too, so that
+/// a site file can carry them).
+fn site_keys(
+    cli: &disk::signing::Keys,
+    plan: &plan::Plan,
+    makes_disk: bool,
+) -> disk::signing::Keys {
+    let mut keys = cli.clone();
+    if makes_disk {
+        if let Some(serde_json::Value::Array(files)) = plan.values.get("update_trust_keys") {
+            keys.trust
+                .extend(files.iter().filter_map(|f| f.as_str()).map(PathBuf::from));
+        }
+    }
+    keys
+}
+
 pub fn build(req: &BuildRequest, progress: &mut Progress) -> Result<BuildReport> {
     let plan = plan::plan(&req.project, &req.profile, &req.input)?;
     let makes_disk = plan.profile.outputs.iter().any(|o| o == disk::KIND);
@@ -77,7 +95,8 @@ pub fn build(req: &BuildRequest, progress: &mut Progress) -> Result<BuildReport>
              disk image (see the profile's outputs and --output)",
         ));
     }
-    req.keys.check()?;
+    let keys = site_keys(&req.keys, &plan, makes_disk);
+    keys.check()?;
     if makes_disk {
         disk::preflight(&req.project)?;
     }
@@ -165,7 +184,7 @@ pub fn build(req: &BuildRequest, progress: &mut Progress) -> Result<BuildReport>
             &cache,
             req.epoch,
             &version,
-            &req.keys,
+            &keys,
             progress,
         )?;
         for (path, ext) in [(&disk.raw, "raw"), (&disk.qcow2, "qcow2")] {

@@ -91,6 +91,22 @@ fn signing_keys_need_a_disk_image_and_a_readable_file() {
         "{}",
         stderr(&o)
     );
+    // The site value's keys are the disk image's too, checked the same way.
+    let o = p.builder(&[
+        "build",
+        "--profile",
+        "vps",
+        "--output",
+        "disk",
+        "--set",
+        "update_trust_keys=/nonexistent/site.pub",
+    ]);
+    assert_exit(&o, 1);
+    assert!(
+        stderr(&o).contains("cannot read the key file /nonexistent/site.pub"),
+        "{}",
+        stderr(&o)
+    );
     assert!(
         !p.out().exists(),
         "a refused build wrote {:?}",

@@ -41,8 +41,8 @@ impl Keys {
             fs::metadata(path).map_err(|e| {
                 anyhow!(
                     "cannot read the key file {}: {e} (--sign-key takes an OpenPGP secret key \
-                     file, e.g. from `gpg --export-secret-keys KEYID`; --trust-key a public key \
-                     file, from `gpg --export KEYID`)",
+                     file, e.g. from `gpg --export-secret-keys KEYID`; --trust-key and the site \
+                     value update_trust_keys a public key file, from `gpg --export KEYID`)",
                     path.display()
                 )
             })?;
