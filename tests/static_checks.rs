@@ -154,6 +154,10 @@ impl Catalog {
                     .map(|c| c.as_str().unwrap().to_string()),
                 ("string", "podman_subnet") => Some("10.77.12.0/24".to_string()),
                 ("string", "admin_user") => Some("ops.admin".to_string()),
+                // systemd calendar specs (the timers' OnCalendar=, verified below)
+                ("string", "update_window") => Some("Mon..Fri *-*-* 02:30:00".to_string()),
+                ("string", "backup_schedule") => Some("*-*-* 03:15:00".to_string()),
+                ("int", n) if n.starts_with("backup_keep_") => Some("14".to_string()),
                 // Every bridge, with the Telegram app credentials it then needs.
                 ("list", "bridges") => Some(
                     spec["choices"]

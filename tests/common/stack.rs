@@ -587,6 +587,26 @@ impl Stack {
         let _ = child.wait();
     }
 
+    /// Stops PostgreSQL as its unit would (a fast shutdown) and waits until
+    /// the server is gone: `runuser`, the process [`Self::spawn`] started,
+    /// forks the server, so killing it would leave the server running.
+    pub fn stop_postgres(&mut self) {
+        let pidfile = self.state.join("postgres/postmaster.pid");
+        let text =
+            fs::read_to_string(&pidfile).unwrap_or_else(|e| panic!("{}: {e}", pidfile.display()));
+        let pid = text.lines().next().unwrap().trim().to_string();
+        run_ok(Command::new("kill").args(["-INT", &pid]));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(
+                Instant::now() < deadline,
+                "PostgreSQL (pid {pid}) did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.stop("postgres");
+    }
+
     /// The process id of a program started by [`Self::spawn`]: the program
     /// itself (`ip netns exec`, `unshare` and the sandbox's shell all exec
     /// it), e.g. to signal it as its unit's `ExecReload=` would.

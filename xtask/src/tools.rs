@@ -61,6 +61,11 @@ const PACKAGES: &[&str] = &[
     "mtools",
     "gpg",
     "gpg-agent",
+    // backups: the program the appliance runs, and a REST server on loopback as a remote
+    "restic",
+    "restic-rest-server",
+    // the appliance's shell passes shellcheck
+    "shellcheck",
     // what mautrix-telegram (PyPI wheels) needs from Debian, as in its image: pyaes (an sdist
     // on PyPI) and libmagic for python-magic
     "python3-pyaes",
