@@ -1240,3 +1240,71 @@ impl<'de> serde::de::Visitor<'de> for NoDuplicateKeys {
         variant.newtype_variant_seed(NoDuplicateKeys)
     }
 }
+
+/// A file that starts with a POSIX shell or bash shebang.
+fn is_shell_script(path: &Path) -> bool {
+    let mut head = [0u8; 32];
+    let n = fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+        .unwrap_or(0);
+    let head = String::from_utf8_lossy(&head[..n]);
+    ["#!/bin/sh", "#!/bin/bash", "#!/usr/bin/env sh", "#!/usr/bin/env bash"]
+        .iter()
+        .any(|s| head.starts_with(s))
+}
+
+/// Every shell script the appliance ships (as rendered, with default and
+/// non-default values, for each proxy), the local images' entrypoints, CI's
+/// script and the VM test's in-guest check pass shellcheck, info level
+/// included: a `# shellcheck` directive with its reason is the only way out.
+#[test]
+fn every_shell_script_passes_shellcheck() {
+    let tools = ToolsRoot::get();
+    let catalog = Catalog::load();
+    let mut failures = Failures::default();
+    let mut trees: Vec<(String, PathBuf, tempfile::TempDir)> = Vec::new();
+    for variant in catalog.all_variants() {
+        let r = render(&variant);
+        trees.push((r.label.clone(), r.tree.clone(), r.dir));
+    }
+    let repo = project();
+    let mut checked = 0;
+    let mut check = |label: &str, root: &Path, files: Vec<PathBuf>| {
+        if files.is_empty() {
+            return;
+        }
+        checked += files.len();
+        let mut args: Vec<String> = vec!["--norc".into()];
+        args.extend(files.iter().map(|f| format!("/src/{}", f.display())));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = tools
+            .command(&[(root, "/src")], "shellcheck", &args)
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            failures.add(format!("{label}: shellcheck:\n{}", output_text(&out)));
+        }
+    };
+    for (label, tree, _dir) in &trees {
+        let scripts: Vec<PathBuf> = walk(tree)
+            .into_iter()
+            .filter(|(p, ft)| ft.is_file() && is_shell_script(&tree.join(p)))
+            .map(|(p, _)| p)
+            .collect();
+        assert!(
+            scripts.iter().any(|p| p.ends_with("usr/bin/matrixctl")),
+            "{label}: no matrixctl among the shell scripts found: {scripts:?}"
+        );
+        check(label, tree, scripts);
+    }
+    let mut own: Vec<PathBuf> = walk(&repo.join("images"))
+        .into_iter()
+        .filter(|(p, ft)| ft.is_file() && is_shell_script(&repo.join("images").join(p)))
+        .map(|(p, _)| Path::new("images").join(p))
+        .collect();
+    own.push(PathBuf::from(".ci/run"));
+    own.push(PathBuf::from("xtask/src/vm-check.sh"));
+    check("the repository's own scripts", &repo, own);
+    assert!(checked > 10, "only {checked} shell scripts found");
+    failures.assert_none("shellcheck");
+}

@@ -1,3 +1,5 @@
+# shellcheck shell=sh
+# shellcheck disable=SC2154 # the variables vm-test sets above this text (see below)
 # vm-test's check of the appliance from the inside, for a boot that has no SSH session:
 # passed in as a systemd credential and run by vm-test-check.service once the appliance
 # says it is ready (mkosi's check-and-shutdown pattern). Prints one line on the console,
@@ -52,6 +54,7 @@ fi
 # (UEFI: systemd-bless-boot took the tries out of its entry's name; both: GRUB's good
 # version); the other slot holds the previous (or failed) version; a failed one is marked
 # bad for both boot loaders.
+# shellcheck source=/dev/null # the image's os-release
 running=$(. /etc/os-release && echo "$IMAGE_VERSION")
 [ "$running" = "$version" ] || fail "version $running runs, not $version"
 grep -q "root=PARTUUID=$(lsblk -rno PARTUUID,PARTLABEL | awk -v l="appliance_$version" '$2 == l {print $1}') " /proc/cmdline ||
@@ -68,14 +71,14 @@ until systemctl is-active --quiet matrix-appliance-health.service &&
 done
 systemctl is-active --quiet matrix-appliance-health.service || fail "the health gate did not pass"
 [ -z "$uefi" ] || [ -e "/efi/EFI/Linux/appliance_$version.efi" ] ||
-	fail "$version was not kept for systemd-boot: $(ls /efi/EFI/Linux | tr '\n' ' ')"
+	fail "$version was not kept for systemd-boot: $(cd /efi/EFI/Linux && echo *)"
 grep -q "^appliance_good=$version\$" /efi/grub/grubenv || fail "GRUB's good version is not $version"
 grep -q '^appliance_try=$' /efi/grub/grubenv || fail "a version is still on trial for GRUB"
 if [ -n "$failed" ]; then
 	grep -q "^appliance_bad=$failed\$" /efi/grub/grubenv || fail "$failed is not marked bad for GRUB"
 	if [ -n "$uefi" ]; then
 		ls /efi/EFI/Linux/appliance_"$failed"+0-*.efi >/dev/null 2>&1 ||
-			fail "$failed is not marked bad for systemd-boot: $(ls /efi/EFI/Linux | tr '\n' ' ')"
+			fail "$failed is not marked bad for systemd-boot: $(cd /efi/EFI/Linux && echo *)"
 	fi
 	matrixctl update status | grep -q "failed=$failed" || fail "matrixctl update status does not name $failed as failed"
 	# The same Synapse ran before and after: its database needed no restore.
