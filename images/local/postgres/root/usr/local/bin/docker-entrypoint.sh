@@ -42,6 +42,16 @@ PGDATA=${PGDATA:-/var/lib/postgresql/data}
 export PGDATA
 hba_line='host all all all scram-sha-256'
 
+# A cluster of another major: PostgreSQL itself would refuse to start on it. Say plainly why
+# and what to do, before touching anything in it, and never initialise a cluster in its place.
+if [ -s "$PGDATA/PG_VERSION" ]; then
+	theirs=$(cat "$PGDATA/PG_VERSION")
+	ours=$(postgres --version | sed -n 's/^postgres (PostgreSQL) \([0-9]*\).*/\1/p')
+	if [ -n "$ours" ] && [ "$theirs" != "$ours" ]; then
+		die "$PGDATA holds a PostgreSQL $theirs cluster and this is PostgreSQL $ours: not starting on it, and nothing is initialised over it. Its data is intact: go back to the version that ran it (matrixctl update rollback), then see the README's \"PostgreSQL major versions\""
+	fi
+fi
+
 if [ "$(id -u)" = 0 ]; then
 	# The mount point's owner and mode are set by the host; fix what can be fixed.
 	mkdir -p "$PGDATA" /run/postgresql
