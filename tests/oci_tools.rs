@@ -33,14 +33,15 @@ fn run(cmd: &mut Command) -> String {
     stdout(&o)
 }
 
-/// path → (type, mode, content) of a tree on disk, sorted.
+/// Every entry of a tree on disk, sorted: path, type, mode, owner and group,
+/// symlink target, and the SHA-256 of a regular file's bytes.
 fn listing(root: &Path) -> Vec<String> {
     let out = run(Command::new("find")
         .arg(".")
         .arg("-mindepth")
         .arg("1")
         .arg("-printf")
-        .arg("%p %y %m\n")
+        .arg("%p %y %m %U:%G ->%l\n")
         .current_dir(root));
     let mut lines: Vec<String> = out
         .lines()
@@ -48,10 +49,8 @@ fn listing(root: &Path) -> Vec<String> {
             let path = l.split(' ').next().unwrap();
             let full = root.join(path);
             let content = if full.is_file() && !full.is_symlink() {
-                std::fs::read_to_string(&full)
-                    .unwrap_or_default()
-                    .len()
-                    .to_string()
+                use sha2::Digest as _;
+                hex::encode(sha2::Sha256::digest(std::fs::read(&full).unwrap()))
             } else {
                 String::new()
             };
@@ -100,8 +99,8 @@ fn skopeo_copies_and_umoci_unpacks_the_bundle_to_the_rendered_tree() {
         .arg(format!("oci:{}:vps", layout.display())));
     let unpacked = p.dir.path().join("unpacked");
     run(Command::new(&umoci)
+        // As root: the owners in the bundle's layers are applied, not mapped.
         .arg("unpack")
-        .arg("--rootless")
         .arg("--image")
         .arg(format!("{}:vps", layout.display()))
         .arg(&unpacked));
@@ -121,5 +120,10 @@ fn skopeo_copies_and_umoci_unpacks_the_bundle_to_the_rendered_tree() {
     assert_exit(&o, 0);
     let rendered = listing(&p.root().join("rendered"));
     assert!(rendered.len() > 10);
+    // Not only directories: files with their contents' hashes are compared.
+    assert!(
+        rendered.iter().filter(|l| l.contains(" f ")).count() > 10,
+        "{rendered:#?}"
+    );
     assert_eq!(listing(&unpacked.join("rootfs")), rendered);
 }

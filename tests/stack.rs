@@ -89,6 +89,30 @@ fn first_boot_brings_up_synapse_on_postgres_with_c_collation() {
     assert_eq!(stack.secret("synapse/secrets/signing.key"), key);
 }
 
+/// initdb already makes the cluster C-collated, which would hide a database
+/// step that forgot to ask for C: on a cluster whose default is another
+/// locale, the step's databases must still be C, C.
+#[test]
+fn the_databases_step_asks_for_c_collation_itself() {
+    let project = Project::copy_of_repo();
+    let mut stack = common::stack::Stack::new(&project, &[("server_name", "locale.example.net")]);
+    stack.tmpfiles();
+    stack.firstboot("secrets");
+    stack.start_postgres_initdb(
+        "-E UTF8 --locale=C.UTF-8 --auth-local=trust --auth-host=scram-sha-256",
+    );
+    let default = stack
+        .sql("SELECT datcollate || ' ' || datctype FROM pg_database WHERE datname = 'template1'");
+    assert_eq!(
+        default, "C.UTF-8 C.UTF-8",
+        "the cluster's default is not another locale"
+    );
+    stack.firstboot("databases");
+    let made = stack
+        .sql("SELECT datcollate || ' ' || datctype FROM pg_database WHERE datname = 'synapse'");
+    assert_eq!(made, "C C");
+}
+
 /// Logs in; returns the access token, or the HTTP status on refusal.
 fn login(stack: &Stack, base: &str, user: &str, password: &str) -> Result<String, u16> {
     let body = serde_json::json!({

@@ -398,6 +398,15 @@ impl Stack {
     pub fn start_postgres(&mut self) {
         let q = self.quadlet("matrix-postgres.container");
         let env: BTreeMap<String, String> = Self::quadlet_env(&q).into_iter().collect();
+        let initdb_args = env.get("POSTGRES_INITDB_ARGS").cloned().unwrap_or_default();
+        self.start_postgres_initdb(&initdb_args);
+    }
+
+    /// [`Self::start_postgres`] with other initdb arguments than the
+    /// quadlet's (e.g. a cluster whose default locale is not C).
+    pub fn start_postgres_initdb(&mut self, initdb_args: &str) {
+        let q = self.quadlet("matrix-postgres.container");
+        let env: BTreeMap<String, String> = Self::quadlet_env(&q).into_iter().collect();
         let binds = self.volume_binds(&q);
         let data = "/var/lib/postgresql/data";
         assert!(
@@ -407,7 +416,6 @@ impl Stack {
         let pwfile = env
             .get("POSTGRES_PASSWORD_FILE")
             .expect("POSTGRES_PASSWORD_FILE in the quadlet");
-        let initdb_args = env.get("POSTGRES_INITDB_ARGS").cloned().unwrap_or_default();
         // Stand-in for docker-entrypoint.sh: the data directory belongs to the
         // root's postgres user here (uid 100), as to the image's (999) there.
         let script = format!(
