@@ -63,7 +63,7 @@ fn curl(stack: &Stack, args: &[&str]) -> String {
 #[test]
 fn first_boot_brings_up_synapse_on_postgres_with_c_collation() {
     let project = Project::copy_of_repo();
-    let stack = boot(&project, &[("server_name", "live.example.net")]);
+    let mut stack = boot(&project, &[("server_name", "live.example.net")]);
     let versions = curl(&stack, &["http://localhost:8008/_matrix/client/versions"]);
     assert!(versions.contains("\"versions\""), "{versions}");
     // The databases step made Synapse's database with C collation.
@@ -81,12 +81,83 @@ fn first_boot_brings_up_synapse_on_postgres_with_c_collation() {
     }
     assert!(stack.state.join("synapse/secrets/signing.key").exists());
     let admin_password = stack.secret("secrets/admin-password");
-    let key = stack.secret("synapse/secrets/signing.key");
+    let before = first_boot_outcome(&stack);
+    assert!(
+        before.0.len() >= 6,
+        "fewer secrets than first boot makes: {:?}",
+        before.0.keys()
+    );
     for step in ["secrets", "databases", "signing-key", "admin-user"] {
         stack.firstboot(step);
     }
+    assert_eq!(
+        first_boot_outcome(&stack),
+        before,
+        "a re-run changed something"
+    );
+
+    // A crash after a step's work, before its stamp: the re-run finds the
+    // work done and only writes the stamp.
+    for step in ["secrets", "databases", "admin-user"] {
+        fs::remove_file(stack.state.join(format!("firstboot/{step}.done"))).unwrap();
+        stack.firstboot(step);
+        assert!(stack.state.join(format!("firstboot/{step}.done")).exists());
+        assert_eq!(first_boot_outcome(&stack), before, "{step} redone");
+    }
+    // A crash half-way through the secrets: the missing one is made, the
+    // others stay as they were.
+    let form = stack.state.join("synapse/secrets/form_secret");
+    fs::remove_file(&form).unwrap();
+    fs::remove_file(stack.state.join("firstboot/secrets.done")).unwrap();
+    stack.firstboot("secrets");
+    let (mut secrets, users) = first_boot_outcome(&stack);
+    assert!(form.exists(), "the missing secret was not made");
+    secrets.remove("synapse/secrets/form_secret");
+    let mut expected = before.0.clone();
+    expected.remove("synapse/secrets/form_secret");
+    assert_eq!((secrets, users), (expected, before.1.clone()));
+    // A crash between the role and the database, and between storing the
+    // admin's password and registering the admin: the database is made
+    // (C-collated), and the admin registered with the stored password.
+    stack.stop("synapse");
+    stack.sql("DROP DATABASE synapse WITH (FORCE)");
+    for step in ["databases", "admin-user"] {
+        fs::remove_file(stack.state.join(format!("firstboot/{step}.done"))).unwrap();
+    }
+    stack.firstboot("databases");
+    assert_eq!(
+        stack
+            .sql("SELECT datcollate || ' ' || datctype FROM pg_database WHERE datname = 'synapse'"),
+        "C C"
+    );
+    stack.start_synapse();
+    stack.firstboot("admin-user");
     assert_eq!(stack.secret("secrets/admin-password"), admin_password);
-    assert_eq!(stack.secret("synapse/secrets/signing.key"), key);
+    assert!(
+        login(&stack, "http://localhost:8008", "admin", &admin_password).is_ok(),
+        "the admin was not registered with the stored password"
+    );
+}
+
+/// What first boot made: every secret file (path → SHA-256 of its
+/// contents) and the database's users.
+fn first_boot_outcome(stack: &Stack) -> (std::collections::BTreeMap<String, String>, String) {
+    let mut secrets = std::collections::BTreeMap::new();
+    for dir in ["secrets", "synapse/secrets"] {
+        for entry in fs::read_dir(stack.state.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            let name = format!("{dir}/{}", path.file_name().unwrap().to_string_lossy());
+            // By hash: a failing comparison prints no secret.
+            use sha2::Digest as _;
+            let digest = sha2::Sha256::digest(fs::read(&path).unwrap());
+            secrets.insert(name, hex::encode(digest));
+        }
+    }
+    let users = stack.sql_in(
+        "synapse",
+        "SELECT string_agg(name || ':' || admin, ' ' ORDER BY name) FROM users",
+    );
+    (secrets, users)
 }
 
 /// initdb already makes the cluster C-collated, which would hide a database
