@@ -61,6 +61,8 @@ const PACKAGES: &[&str] = &[
     "mtools",
     "gpg",
     "gpg-agent",
+    // systemd-sysupdate, to run the appliance's transfer definitions (tests/update.rs)
+    "systemd-container",
     // backups: the program the appliance runs, and a REST server on loopback as a remote
     "restic",
     "restic-rest-server",
