@@ -17,8 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
 use common::tools::{Sandbox, ToolsRoot};
 use common::EPOCH;
@@ -1003,36 +1002,41 @@ fn traefik_starts_with_the_rendered_config() {
             .binds
             .push((tools.venv_bin("traefik"), "/usr/local/bin/traefik".into()));
         let config_arg = format!("--configFile={main}");
-        let mut child = tools
-            .command_in(&view.sandbox, "traefik", &[&config_arg])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
+        // Running is not enough (a bad dynamic file only logs an error): it must
+        // listen on 443 within 5 s, then run on for a second, and log no error.
+        const SCRIPT: &str = r#"traefik "$1" & pid=$!
+for i in $(seq 50); do
+    if ss -ltnH | grep -q ':443 '; then
+        echo "traefik-check: listening on 443"
+        sleep 1
+        break
+    fi
+    kill -0 $pid 2>/dev/null || break
+    sleep 0.1
+done
+if kill $pid 2>/dev/null; then wait $pid; echo "traefik-check: still running"; else wait $pid; echo "traefik-check: exited ($?)"; fi
+"#;
+        let out = tools
+            .command_in(&view.sandbox, "sh", &["-c", SCRIPT, "sh", &config_arg])
+            .output()
             .unwrap();
-        let started = Instant::now();
-        let mut exited = None;
-        while started.elapsed() < Duration::from_secs(5) {
-            if let Some(status) = child.try_wait().unwrap() {
-                exited = Some(status);
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if exited.is_none() {
-            child.kill().unwrap();
-        }
-        let out = child.wait_with_output().unwrap();
         let text = strip_ansi(&output_text(&out));
         let errors: Vec<&str> = text.lines().filter(|l| traefik_error(l)).collect();
-        match exited {
-            Some(status) => Err(format!(
-                "traefik {config_arg} exited ({status}) within 5 s:\n{text}"
-            )),
-            None if !errors.is_empty() => Err(format!(
+        if !text.contains("traefik-check: still running") {
+            Err(format!(
+                "traefik {config_arg} did not keep running:\n{text}"
+            ))
+        } else if !text.contains("traefik-check: listening on 443") {
+            Err(format!(
+                "traefik {config_arg} did not listen on 443 within 5 s:\n{text}"
+            ))
+        } else if !errors.is_empty() {
+            Err(format!(
                 "traefik {config_arg} logged errors:\n{}",
                 errors.join("\n")
-            )),
-            None => Ok(()),
+            ))
+        } else {
+            Ok(())
         }
     });
 }
@@ -1248,9 +1252,14 @@ fn is_shell_script(path: &Path) -> bool {
         .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
         .unwrap_or(0);
     let head = String::from_utf8_lossy(&head[..n]);
-    ["#!/bin/sh", "#!/bin/bash", "#!/usr/bin/env sh", "#!/usr/bin/env bash"]
-        .iter()
-        .any(|s| head.starts_with(s))
+    [
+        "#!/bin/sh",
+        "#!/bin/bash",
+        "#!/usr/bin/env sh",
+        "#!/usr/bin/env bash",
+    ]
+    .iter()
+    .any(|s| head.starts_with(s))
 }
 
 /// Every shell script the appliance ships (as rendered, with default and
