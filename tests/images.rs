@@ -327,7 +327,7 @@ fn locally_built_images_serve_matrix_with_the_rendered_configs() {
 
     // nginx from its image, after the unit's ExecStartPre (certificates).
     stack.run_env(
-        &[("MATRIX_PROXY_RELOAD", "true")],
+        &[common::stack::NO_PROXY_RELOAD],
         "/usr/libexec/matrix-appliance/matrix-proxy-certs",
         &["ensure"],
     );

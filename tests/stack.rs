@@ -39,7 +39,7 @@ fn start_proxy_units(stack: &mut Stack, matrix_host: &str) {
     }
     stack.run_unit(
         "matrix-proxy-certs.service",
-        &[("MATRIX_PROXY_RELOAD", "true")],
+        &[common::stack::NO_PROXY_RELOAD],
     );
 }
 

@@ -705,7 +705,7 @@ impl Stack {
         for pre in service.get("ExecStartPre").into_iter().flatten() {
             let argv = words(pre.trim_start_matches(['-', '@', '+', '!', ':']));
             let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
-            self.run_env(&[("MATRIX_PROXY_RELOAD", "true")], &argv[0], &args);
+            self.run_env(&[NO_PROXY_RELOAD], &argv[0], &args);
         }
         let q = quadlet(&path);
         let mut argv = q.get("Exec").map(|e| words(&e[0])).unwrap_or_default();
@@ -723,8 +723,10 @@ impl Stack {
         self.spawn(&name, &binds, &env, &command[0], &args);
     }
 
-    /// Runs the `ExecStart=` lines of a rendered unit with its
-    /// `Environment=` and `env` on top.
+    /// Stand-in for systemd starting a rendered unit: its `ExecStart=` lines
+    /// with its `Environment=` and `env` on top, but none of its sandboxing
+    /// (`User=`, `ProtectSystem=`, capabilities...), which takes systemd
+    /// itself; the VM test runs the real units.
     pub fn run_unit(&self, unit: &str, env: &[(&str, &str)]) -> Output {
         let path = self.rendered.join("usr/lib/systemd/system").join(unit);
         let service = unit_section(&path, "[Service]");
@@ -773,6 +775,11 @@ impl Stack {
 /// Maps an image's program to a command in the tools root: the argv prefix
 /// to run instead, and binds it needs.
 pub type ProgramFor = dyn Fn(&str) -> (Vec<String>, Vec<(PathBuf, String)>);
+
+/// Stand-in: matrix-proxy-certs "reloads" the proxy with `true`, a no-op.
+/// On the appliance it signals the proxy's container; here the proxy is
+/// started after its certificates, or a test reloads it itself.
+pub const NO_PROXY_RELOAD: (&str, &str) = ("MATRIX_PROXY_RELOAD", "true");
 
 /// The internal CA's certificate (tls_mode=internal), inside a stack.
 pub const CA: &str = "/var/lib/matrix/proxy/internal-ca.crt";
