@@ -271,18 +271,26 @@ fn obtains_certificates_by_acme(proxy: &str) {
             "Pebble never validated {host}:\n{log}"
         );
         // lego (nginx) and Traefik use HTTP-01 only; Caddy picks HTTP-01 or
-        // TLS-ALPN-01 (Pebble logs no URL for the latter).
+        // TLS-ALPN-01, and says which in its log (Pebble logs a URL for
+        // HTTP-01 only).
         let http =
             format!("Attempting to validate w/ HTTP: http://{host}:80/.well-known/acme-challenge/");
-        assert!(
-            log.contains(&http) || proxy == "caddy",
-            "Pebble did not validate {host} over HTTP:\n{log}"
-        );
-        let how = if log.contains(&http) {
-            "HTTP-01"
+        let how = if proxy == "caddy" {
+            caddy_challenge(&stack.log("matrix-proxy"), host)
         } else {
-            "TLS-ALPN-01"
+            "http-01".to_string()
         };
+        match how.as_str() {
+            "http-01" => assert!(
+                log.contains(&http),
+                "Pebble did not validate {host} over HTTP:\n{log}"
+            ),
+            "tls-alpn-01" => assert!(
+                !log.contains(&http),
+                "Caddy says TLS-ALPN-01 for {host}, Pebble validated over HTTP:\n{log}"
+            ),
+            other => panic!("{host}: unexpected challenge type {other:?}"),
+        }
         eprintln!("{proxy}: Pebble validated {host} by {how}");
     }
     let validations = log.matches("set VALID by completed challenge").count();
@@ -342,4 +350,31 @@ fn caddy_obtains_certificates_from_pebble() {
 #[test]
 fn traefik_obtains_certificates_from_pebble() {
     obtains_certificates_by_acme("traefik");
+}
+
+/// The challenge type Caddy solved for `host`, from its JSON log: the last
+/// "trying to solve challenge" for the host before "certificate obtained
+/// successfully" for it.
+fn caddy_challenge(log: &str, host: &str) -> String {
+    let mut tried = None;
+    for line in log.lines() {
+        let Ok(entry) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if entry["identifier"] != host {
+            continue;
+        }
+        match entry["msg"].as_str() {
+            Some("trying to solve challenge") => {
+                tried = entry["challenge_type"].as_str().map(str::to_string);
+            }
+            Some("certificate obtained successfully") => {
+                return tried.unwrap_or_else(|| {
+                    panic!("Caddy obtained {host} without naming a challenge:\n{log}")
+                });
+            }
+            _ => {}
+        }
+    }
+    panic!("Caddy's log has no certificate obtained for {host}:\n{log}")
 }
