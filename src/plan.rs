@@ -492,3 +492,187 @@ fn suggest_provider(project: &Project, capability: &str) -> String {
         )
     }
 }
+
+/// Planning on small projects written for each case: the order of layers,
+/// providers and conflicts, `when` clauses and values, and the errors.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A project with these layers (name, layer.toml) and one profile `p`
+    /// listing `profile_layers`, making a bundle.
+    fn project(layers: &[(&str, &str)], profile_layers: &[&str]) -> (tempfile::TempDir, Project) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for (name, toml) in layers {
+            let layer = root.join("layers").join(name);
+            fs::create_dir_all(layer.join("root")).unwrap();
+            fs::write(layer.join("layer.toml"), toml).unwrap();
+        }
+        fs::create_dir_all(root.join("profiles")).unwrap();
+        fs::create_dir_all(root.join("images")).unwrap();
+        fs::write(
+            root.join("images/bundle.toml"),
+            "description = \"bundle\"\n",
+        )
+        .unwrap();
+        let list: Vec<String> = profile_layers.iter().map(|l| format!("{l:?}")).collect();
+        fs::write(
+            root.join("profiles/p.toml"),
+            format!(
+                "description = \"test\"\nlayers = [{}]\noutputs = [\"bundle\"]\n",
+                list.join(", ")
+            ),
+        )
+        .unwrap();
+        let project = Project::locate(Some(root)).unwrap();
+        (dir, project)
+    }
+
+    fn layer(requires: &[&str], provides: &[&str], conflicts: &[&str], extra: &str) -> String {
+        let q = |l: &[&str]| {
+            l.iter()
+                .map(|s| format!("{s:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "description = \"x\"\nrequires = [{}]\nprovides = [{}]\nconflicts = [{}]\n{extra}",
+            q(requires),
+            q(provides),
+            q(conflicts)
+        )
+    }
+
+    fn plan_with(layers: &[(&str, String)], profile: &[&str], sets: &[&str]) -> Result<Plan> {
+        let borrowed: Vec<(&str, &str)> = layers.iter().map(|(n, t)| (*n, t.as_str())).collect();
+        let (_dir, project) = project(&borrowed, profile);
+        let input = SiteInput {
+            sets: sets.iter().map(|s| s.to_string()).collect(),
+            ..SiteInput::default()
+        };
+        plan(&project, "p", &input)
+    }
+
+    fn names(plan: &Plan) -> Vec<&str> {
+        plan.layers.iter().map(|l| l.name.as_str()).collect()
+    }
+
+    #[test]
+    fn layers_come_after_the_layers_that_provide_what_they_require() {
+        // (layers with their requires/provides, profile order, expected order)
+        type Defs<'a> = &'a [(&'a str, &'a [&'a str], &'a [&'a str])];
+        let cases: &[(Defs, &[&str], &[&str])] = &[
+            (
+                &[("app", &["db"], &[]), ("pg", &[], &["db"])],
+                &["app", "pg"],
+                &["pg", "app"],
+            ),
+            (
+                &[
+                    ("c", &["b"], &[]),
+                    ("b", &["a"], &["b"]),
+                    ("a", &[], &["a"]),
+                ],
+                &["c", "b", "a"],
+                &["a", "b", "c"],
+            ),
+            // Layers that need nothing of each other keep the profile's order.
+            (
+                &[("x", &[], &[]), ("y", &[], &[])],
+                &["y", "x"],
+                &["y", "x"],
+            ),
+        ];
+        for (defs, profile, expected) in cases {
+            let layers: Vec<(&str, String)> = defs
+                .iter()
+                .map(|(n, req, prov)| (*n, layer(req, prov, &[], "")))
+                .collect();
+            let plan = plan_with(&layers, profile, &[]).unwrap();
+            assert_eq!(names(&plan), *expected, "profile {profile:?}");
+        }
+    }
+
+    #[test]
+    fn providers_conflicts_and_missing_requirements_are_errors_that_say_which() {
+        let cases: &[(&[(&str, String)], &str)] = &[
+            (
+                &[
+                    ("nginx", layer(&[], &["proxy"], &[], "")),
+                    ("caddy", layer(&[], &["proxy"], &[], "")),
+                ],
+                "both provide \"proxy\"",
+            ),
+            (
+                &[
+                    ("a", layer(&[], &["a"], &["b"], "")),
+                    ("b", layer(&[], &["b"], &[], "")),
+                ],
+                "layer a conflicts with \"b\", which layer b provides",
+            ),
+            (
+                &[("app", layer(&["db"], &[], &[], ""))],
+                "layer app requires \"db\", which no layer of this profile provides",
+            ),
+        ];
+        for (layers, expected) in cases {
+            let profile: Vec<&str> = layers.iter().map(|(n, _)| *n).collect();
+            let err = plan_with(layers, &profile, &[]).unwrap_err().to_string();
+            assert!(err.contains(expected), "{expected:?} not in: {err}");
+        }
+    }
+
+    #[test]
+    fn when_clauses_include_a_layer_only_for_their_value() {
+        let choice = "[values.proxy]\ntype = \"enum\"\nchoices = [\"nginx\", \"caddy\"]\ndefault = \"nginx\"\ndescription = \"d\"\n";
+        let layers = vec![
+            ("base", layer(&[], &[], &[], choice)),
+            (
+                "nginx",
+                layer(&[], &["proxy"], &[], "[when]\nproxy = \"nginx\"\n"),
+            ),
+            (
+                "caddy",
+                layer(&[], &["proxy"], &[], "[when]\nproxy = \"caddy\"\n"),
+            ),
+        ];
+        let profile = ["base", "nginx", "caddy"];
+        for (sets, expected) in [
+            (&[][..], &["base", "nginx"][..]),
+            (&["proxy=caddy"][..], &["base", "caddy"][..]),
+        ] {
+            let plan = plan_with(&layers, &profile, sets).unwrap();
+            assert_eq!(names(&plan), expected, "{sets:?}");
+        }
+        let err = plan_with(&layers, &profile, &["proxy=apache"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("proxy"), "{err}");
+    }
+
+    #[test]
+    fn values_resolve_by_precedence_and_are_checked() {
+        let decl = "[values.port]\ntype = \"port\"\ndefault = 8008\ndescription = \"d\"\n";
+        let layers = vec![("a", layer(&[], &[], &[], decl))];
+        for (sets, expected) in [
+            (&[][..], Some(8008)),
+            (&["port=9000"][..], Some(9000)),
+            (&["port=9000", "port=9001"][..], Some(9001)),
+            (&["port=0"][..], None),
+            (&["port=http"][..], None),
+        ] {
+            match (plan_with(&layers, &["a"], sets), expected) {
+                (Ok(plan), Some(port)) => {
+                    assert_eq!(plan.values.get("port"), Some(&Json::from(port)), "{sets:?}")
+                }
+                (Err(e), None) => assert!(e.to_string().contains("port"), "{e}"),
+                (got, want) => panic!("{sets:?}: got {:?}, wanted {want:?}", got.map(|p| p.values)),
+            }
+        }
+        let err = plan_with(&layers, &["a"], &["nosuch=1"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nosuch"), "{err}");
+    }
+}

@@ -12,7 +12,8 @@ mod vm;
 
 use std::process::ExitCode;
 
-const COMMANDS: &str = "bench, bench-disk, config-keys, lock-wheels, test, tools, vm-test";
+const COMMANDS: &str =
+    "bench, bench-disk, config-keys, lock-wheels, pin-minimal, test, tools, vm-test";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -23,6 +24,7 @@ fn main() -> ExitCode {
         Some("bench-disk") => bench_disk::run(&rest),
         Some("config-keys") => config_keys::run(&rest),
         Some("lock-wheels") => lock::run(&rest),
+        Some("pin-minimal") => test::pin_minimal(&rest),
         Some("test") => test::run(&rest),
         Some("tools") => tools::run(&rest),
         Some("vm-test") => vm::run(&rest),

@@ -80,3 +80,21 @@ pub fn install_debian_packages(packages: &[&str]) -> Result<()> {
     }
     Ok(())
 }
+
+/// `cargo xtask pin-minimal`: writes tests/fixtures/minimal-pinned.txt anew
+/// (tests/pinned.rs), after an intended change of the `minimal` profile's
+/// output.
+pub fn pin_minimal(args: &[String]) -> Result<()> {
+    if !args.is_empty() {
+        bail!("usage: cargo xtask pin-minimal");
+    }
+    let status = Command::new(env!("CARGO"))
+        .args(["test", "--locked", "--test", "pinned"])
+        .env("BUILDER_WRITE_PIN", "1")
+        .status()
+        .context("running cargo test --test pinned")?;
+    if !status.success() {
+        bail!("writing the pin failed");
+    }
+    Ok(())
+}
