@@ -1,10 +1,11 @@
 //! A static file server on loopback for the VM test: it serves a build's
 //! `update/` directory to the guest (qemu's `guestfwd`), as any static HTTP
 //! server would serve it to an appliance. GET and HEAD of files directly in
-//! the served directory; which directory can change while it runs.
+//! the served directory; which directory can change while it runs, and it
+//! can break off one download half-way (an interrupted transfer).
 
 use std::fs;
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -15,6 +16,9 @@ use anyhow::{Context, Result};
 pub(crate) struct StaticServer {
     pub(crate) port: u16,
     dir: Arc<Mutex<PathBuf>>,
+    /// The next GET of a file whose name ends so sends half the file, then
+    /// closes the connection (its Content-Length promises all of it).
+    cut: Arc<Mutex<Option<String>>>,
 }
 
 impl StaticServer {
@@ -23,16 +27,28 @@ impl StaticServer {
         let listener = TcpListener::bind("127.0.0.1:0").context("binding the update server")?;
         let port = listener.local_addr()?.port();
         let served = Arc::new(Mutex::new(dir));
-        let shared = served.clone();
+        let cut = Arc::new(Mutex::new(None));
+        let (shared, shared_cut) = (served.clone(), cut.clone());
         thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let dir = shared.lock().expect("not poisoned").clone();
+                let cut = shared_cut.clone();
                 thread::spawn(move || {
-                    let _ = answer(stream, dir);
+                    let _ = answer(stream, dir, &cut);
                 });
             }
         });
-        Ok(StaticServer { port, dir: served })
+        Ok(StaticServer {
+            port,
+            dir: served,
+            cut,
+        })
+    }
+
+    /// Breaks off the next download of a file whose name ends in `suffix`
+    /// half-way, as a dropped connection would.
+    pub(crate) fn cut_next(&self, suffix: &str) {
+        *self.cut.lock().expect("not poisoned") = Some(suffix.to_string());
     }
 
     /// Serves another directory from the next request on.
@@ -41,7 +57,7 @@ impl StaticServer {
     }
 }
 
-fn answer(stream: TcpStream, dir: PathBuf) -> Result<()> {
+fn answer(stream: TcpStream, dir: PathBuf, cut: &Mutex<Option<String>>) -> Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
@@ -66,6 +82,18 @@ fn answer(stream: TcpStream, dir: PathBuf) -> Result<()> {
                 "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
             )?;
             if method == "GET" {
+                let mut cut = cut.lock().expect("not poisoned");
+                if cut
+                    .as_ref()
+                    .is_some_and(|suffix| name.ends_with(suffix.as_str()))
+                {
+                    *cut = None;
+                    eprintln!("vm-test: update server: breaking off {name} half-way");
+                    let mut half = fs::File::open(&file)?.take(len / 2);
+                    std::io::copy(&mut half, &mut out)?;
+                    return Ok(());
+                }
+                drop(cut);
                 std::io::copy(&mut fs::File::open(&file)?, &mut out)?;
             }
         }

@@ -7,7 +7,8 @@
 # powers the VM off. vm-test sets, above this text: matrix_host, room, text, identity_sha,
 # upload_limit, stale_image (empty: not checked), version (the one that must run),
 # previous (the one installed beside it), failed (one that must be marked bad, or empty),
-# and defines identity() (the same command as its SSH check).
+# telegram_api_hash, and defines identity() (the same command as its SSH check) and
+# journal_check() (vm-journal.sh).
 
 problems=
 fail() { problems="$problems; $*"; }
@@ -18,11 +19,16 @@ failed=$(systemctl list-units --failed --plain --no-legend |
 	grep -v -F '[systemd-run] /usr/bin/podman healthcheck run' | cut -d' ' -f1 | tr '\n' ' ')
 [ -z "$failed" ] || fail "failed units: $failed"
 matrixctl status >/dev/null 2>&1 || fail "matrixctl status says the stack is not healthy"
-if systemctl show -p ConditionResult matrix-firstboot-secrets.service \
-	matrix-firstboot-databases.service matrix-firstboot-admin-user.service |
-	grep -q 'ConditionResult=yes'; then
-	fail "a first-boot step ran again"
-fi
+# Each first-boot step is loaded, its condition was checked in this boot, and it was skipped
+# (a renamed or never-loaded unit must not pass for "not run again").
+for step in secrets databases admin-user; do
+	shown=$(systemctl show -p LoadState,ConditionResult,ConditionTimestampMonotonic \
+		"matrix-firstboot-$step.service" | sort | tr '\n' ' ')
+	case $shown in
+	"ConditionResult=no ConditionTimestampMonotonic="[1-9]*" LoadState=loaded ") ;;
+	*) fail "first-boot step $step was not checked and skipped in this boot: $shown" ;;
+	esac
+done
 
 # Immutable root, /var grown, the machine's identity and secrets kept.
 findmnt -no FSTYPE,OPTIONS / | grep -Eq '^erofs +(ro|ro,.*)$' || fail "the root is not a read-only erofs"
@@ -86,10 +92,6 @@ if [ -n "$failed" ]; then
 		fail "matrix-update-restore.service did not find the database usable as it is"
 fi
 
-# This image's settings in use.
-grep -q "client_max_body_size $upload_limit;" /usr/share/matrix-appliance/proxy/nginx.conf ||
-	fail "the proxy's upload limit is not $upload_limit"
-
 # Matrix through the proxy over TLS (trusting only the appliance's CA): the admin logs in
 # and reads back the message of the first boot.
 api() {
@@ -111,10 +113,23 @@ if grep -q 'Bearer .' "$auth" 2>/dev/null; then
 	api -H @"$auth" "https://$matrix_host/_matrix/client/v3/rooms/$room_path/messages?dir=b&limit=20" |
 		jq -e --arg text "$text" 'any(.chunk[]; .content.body == $text)' >/dev/null ||
 		fail "the first boot's message is not in its room"
+	# This image's settings in use: Synapse itself says which upload limit it applies.
+	case $upload_limit in
+	*K) limit=$((${upload_limit%K} << 10)) ;;
+	*M) limit=$((${upload_limit%M} << 20)) ;;
+	*G) limit=$((${upload_limit%G} << 30)) ;;
+	*) limit=$upload_limit ;;
+	esac
+	api -H @"$auth" "https://$matrix_host/_matrix/client/v1/media/config" |
+		jq -e --argjson limit "$limit" '."m.upload.size" == $limit' >/dev/null ||
+		fail "Synapse's upload limit is not $upload_limit ($limit bytes)"
 else
 	fail "the admin could not log in through the proxy"
 fi
 rm -f "$auth"
+
+# No secret in the journal, of this boot or an earlier one (vm-journal.sh, above).
+if ! journal=$(journal_check); then fail "$journal"; fi
 
 if [ -z "$problems" ]; then
 	echo "vm-test-check: passed"

@@ -42,6 +42,8 @@
 //! VM off (mkosi's check-and-shutdown pattern). qemu uses KVM when a probe
 //! boots with it, else TCG.
 
+mod backup;
+
 use std::fs;
 use std::io::{Read as _, Write as _};
 use std::net::TcpListener;
@@ -74,6 +76,8 @@ const BROKEN_VERSION: &str = "20231116.1";
 const KEYS_EPOCH: &str = "1690000000";
 /// Where the guest finds the update server (qemu's guestfwd to loopback).
 const UPDATE_HOST: &str = "10.0.2.100";
+/// Where the guest finds the backup repositories' REST server (the same way).
+const BACKUP_HOST: &str = "10.0.2.101";
 /// First boot under TCG loads ~250 MB of images and initialises everything.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(40 * 60);
 /// The VM's hardware, for the boots and the KVM probe alike.
@@ -196,13 +200,16 @@ pub fn run(args: &[String]) -> Result<()> {
         "out-newer",
         &["--set", "max_upload_size=77M", "--version", NEWER_VERSION],
     )?;
-    remove_images(&newer, &["raw", "qcow2", "bundle.tar"])?;
+    // Its qcow2 stays: the new machine the backup is restored on.
+    remove_images(&newer, &["raw", "bundle.tar"])?;
     let broken = build_broken(&build, &work)?;
     let update = newer.join("update");
     let tampered = tampered_copy(&update, &work.join("update-tampered"))?;
     let wrong_key = wrongly_signed_copy(&tools.root, &work, &update)?;
     let server = crate::http::StaticServer::start(tampered)?;
     vm.update_port = Some(server.port);
+    let rest = backup::RestServer::start(&tools.root, &work)?;
+    vm.backup_port = Some(rest.port);
 
     // First boot (UEFI); then the update is applied.
     let mut qemu = vm.boot(Firmware::Uefi)?;
@@ -243,6 +250,22 @@ pub fn run(args: &[String]) -> Result<()> {
     vm.check_over_ssh(&updated)?;
     eprintln!("vm-test: the update passed its health gate and was kept; data and identity intact");
     vm.check_from_refusal()?;
+    // No downgrade unless asked: the first version's update, served again,
+    // is not taken for a newer one.
+    server.serve(first_image.join("update"));
+    let older = vm.ssh("matrixctl update check 2>&1; echo \"exit=$?\"")?;
+    ensure!(
+        older.contains(&format!("no newer version (running {NEWER_VERSION})"))
+            && older.trim_end().ends_with("exit=1"),
+        "an older version offered as an update was not turned down:\n{older}"
+    );
+    let older = vm.ssh("matrixctl update apply --no-reboot 2>&1")?;
+    ensure!(
+        older.contains("nothing to do"),
+        "apply with only an older version offered did something:\n{older}"
+    );
+    eprintln!("vm-test: an older version offered by the server is not installed");
+    let kept = vm.back_up()?;
     server.serve(broken.join("update"));
     let out = vm.ssh("matrixctl update apply --no-reboot 2>&1")?;
     ensure!(
@@ -269,6 +292,10 @@ pub fn run(args: &[String]) -> Result<()> {
     // written into the ESP's GRUB environment block from the host.
     vm.set_grub_trial(&first_image, BROKEN_VERSION, 1)?;
     vm.expect_fallback(Firmware::Bios, &fallback, 1)?;
+
+    // The disk is lost: a new machine from the same image restores the backup.
+    vm.restore_on_fresh_machine(&newer.join(format!("{PROFILE}.qcow2")), &kept, &room)?;
+    drop(rest);
     eprintln!("vm-test: passed ({:.0?} in all)", started.elapsed());
     Ok(())
 }
@@ -301,6 +328,8 @@ pub(crate) struct Vm {
     probe_port: u16,
     /// The host port the guest's [`UPDATE_URL`] reaches (a loopback server).
     pub(crate) update_port: Option<u16>,
+    /// The host port the guest's [`BACKUP_HOST`] reaches (a REST server).
+    pub(crate) backup_port: Option<u16>,
     /// qemu's accelerator: "kvm" when a probe boots with it, else "tcg".
     accel: &'static str,
 }
@@ -316,6 +345,7 @@ impl Vm {
             https_port: free_port()?,
             probe_port: free_port()?,
             update_port: None,
+            backup_port: None,
             accel: if kvm_boots(tools) { "kvm" } else { "tcg" },
         })
     }
@@ -430,7 +460,19 @@ impl Vm {
             "an update signed by another key was not refused, or changed something: {refused}"
         );
         eprintln!("vm-test: an update signed by another key is refused and changes nothing");
+        // The real update, its root image's download broken off half-way:
+        // the running system stays as it was, and the next try installs it.
         server.serve(update.to_path_buf());
+        server.cut_next(".root.xz");
+        let cut = self.ssh("matrixctl update apply --no-reboot 2>&1; echo \"exit=$?\"")?;
+        ensure!(
+            cut.trim_end().ends_with("exit=1")
+                && cut.contains("could not install")
+                && self.ssh(slots)? == before
+                && self.ssh(esp)? == esp_before,
+            "an interrupted download was not reported as a failure, or changed the slots or the ESP: {cut}"
+        );
+        eprintln!("vm-test: an interrupted download changes nothing; trying again:");
         let out = self.ssh("matrixctl update apply --no-reboot 2>&1")?;
         eprintln!("vm-test: matrixctl update apply:\n{}", out.trim_end());
         let after = self.ssh(slots)?;
@@ -575,22 +617,21 @@ impl Vm {
         )
     }
 
-    /// The machine's identity and secrets are what they were, and no
-    /// first-boot step ran again.
+    /// The machine's identity and secrets are what they were.
     fn check_same_machine(&self, before: &str) -> Result<()> {
         let now = self.identity()?;
+        // Not two empty (or failed) listings: the machine ID, the host key's
+        // fingerprint and the secrets' hashes.
+        ensure!(
+            before.matches(" | ").count() >= 8,
+            "the identity listing is too short to compare: {before}"
+        );
         ensure!(
             before == now,
             "the machine's identity or secrets changed:\nbefore: {before}\nnow:    {now}"
         );
-        let ran = self.ssh(
-            "systemctl show -p Id,ConditionResult matrix-firstboot-secrets.service \
-             matrix-firstboot-databases.service matrix-firstboot-admin-user.service",
-        )?;
-        ensure!(
-            !ran.contains("ConditionResult=yes"),
-            "a first-boot step ran again:\n{ran}"
-        );
+        // That no first-boot step ran again is checked per step by
+        // vm-check.sh (check_over_ssh), on this boot too.
         Ok(())
     }
 
@@ -670,12 +711,18 @@ impl Vm {
         let accel = self.accel;
         let no_reboot = if reboots { "" } else { "-no-reboot" };
         let (disk, format) = (self.disk.file(), self.disk.format());
-        // The guest's only way out: the update server, at UPDATE_HOST.
-        let guestfwd = self
-            .update_port
-            // cmd: runs nc for each connection (a tcp: chardev would be one connection).
-            .map(|port| format!(",guestfwd=tcp:{UPDATE_HOST}:80-cmd:nc 127.0.0.1 {port}"))
-            .unwrap_or_default();
+        // The guest's only ways out: the update server at UPDATE_HOST, the
+        // backup server at BACKUP_HOST. cmd: runs nc for each connection (a
+        // tcp: chardev would be one connection).
+        let mut guestfwd = String::new();
+        for (host, port) in [
+            (UPDATE_HOST, self.update_port),
+            (BACKUP_HOST, self.backup_port),
+        ] {
+            if let Some(port) = port {
+                guestfwd += &format!(",guestfwd=tcp:{host}:80-cmd:nc 127.0.0.1 {port}");
+            }
+        }
         let qemu = format!(
             "qemu-system-x86_64 {MACHINE} -accel {accel} \
              -nographic {no_reboot} {firmware_args} \
@@ -799,9 +846,10 @@ impl Vm {
         // store (nothing loaded into /var), and no OCI layout left on the disk.
         let images = self.ssh("podman images --format '{{.Repository}} {{.ReadOnly}}'")?;
         ensure!(
-            images
-                .lines()
-                .all(|l| l.starts_with("localhost/matrix-appliance/") && l.ends_with(" true")),
+            images.lines().count() >= 3
+                && images
+                    .lines()
+                    .all(|l| l.starts_with("localhost/matrix-appliance/") && l.ends_with(" true")),
             "an image not from the appliance's read-only image store is in Podman's store:\n{images}"
         );
         let layout = self.ssh("ls /usr/share/matrix-appliance/images 2>&1 || true")?;
@@ -854,14 +902,19 @@ impl Vm {
         ))?;
         let answered = echoes(self.probe_port);
         // The appliance's own ruleset again (the file replaces its table).
+        self.ssh("nft -f /etc/nftables.conf")?;
+        let after = echoes(self.probe_port);
         self.ssh(
-            "nft -f /etc/nftables.conf && systemctl stop vm-test-echo; \
-             systemctl reset-failed vm-test-echo 2>/dev/null || true",
+            "systemctl stop vm-test-echo; systemctl reset-failed vm-test-echo 2>/dev/null || true",
         )?;
         ensure!(
             answered,
             "port {PROBE_PORT} gave no answer from outside even with a rule accepting it: \
              the firewall probe cannot tell"
+        );
+        ensure!(
+            !after,
+            "port {PROBE_PORT} still answers from outside after the appliance's ruleset was restored"
         );
         eprintln!("vm-test: the firewall drops port {PROBE_PORT} from outside");
         Ok(())
@@ -1049,11 +1102,32 @@ impl Vm {
             "vm-test: the Telegram bridge bot answered `help` after {:.0?}",
             started.elapsed()
         );
-        let leaked = self.ssh(&format!(
-            "journalctl --no-pager | grep -c -F -e {TELEGRAM_API_HASH} \
-             -f /var/lib/matrix/bridges/telegram/secrets/as_token || true"
-        ))?;
-        ensure!(leaked.trim() == "0", "a Telegram secret is in the journal");
+        self.check_journal()
+    }
+
+    /// vm-journal.sh over SSH: the containers' logs reach the journal, and
+    /// no secret is in it.
+    pub(crate) fn check_journal(&self) -> Result<()> {
+        let mut child = ssh_command(&self.key, self.ssh_port, "sh -s")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running ssh")?;
+        child
+            .stdin
+            .take()
+            .context("ssh's stdin")?
+            .write_all(format!("{}\njournal_check\n", journal_script()).as_bytes())?;
+        let out = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            text.starts_with("journal: ok"),
+            "the journal check: {}{}",
+            text.trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        eprintln!("vm-test: {}", text.trim());
         Ok(())
     }
 
@@ -1123,6 +1197,14 @@ const IDENTITY: &str = "cat /etc/machine-id; \
      ssh-keygen -lf /var/lib/appliance/ssh/ssh_host_ed25519_key.pub; \
      cd /var/lib/matrix && find secrets synapse/secrets synapse/appservices bridges/*/secrets \
      -type f ! -name matrixctl-token -exec sha256sum {} + | sort -k2";
+
+/// The journal check (vm-journal.sh) with what it needs to know from here.
+fn journal_script() -> String {
+    format!(
+        "telegram_api_hash='{TELEGRAM_API_HASH}'\n{}",
+        include_str!("vm-journal.sh")
+    )
+}
 
 /// ssh as root into the VM (through the forwarded port) running `command`.
 fn ssh_command(key: &Path, port: u16, command: &str) -> Command {
@@ -1196,13 +1278,14 @@ ExecStart=/bin/sh %d/vm-test-check.sh
             "matrix_host='{MATRIX_HOST}'\nroom='{room}'\ntext='{text}'\n\
              identity_sha='{}'\nupload_limit='{}'\nstale_image='{}'\n\
              version='{}'\nprevious='{}'\nfailed='{}'\n\
-             identity() {{ {IDENTITY}; }}\n{}",
+             identity() {{ {IDENTITY}; }}\n{}\n{}",
             self.identity_sha,
             self.upload_limit,
             self.stale_image,
             self.version,
             self.previous,
             self.failed,
+            journal_script(),
             include_str!("vm-check.sh")
         )
     }
