@@ -130,6 +130,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell's completion script for builder (e.g. `builder completions bash
+    /// > /etc/bash_completion.d/builder`)
+    Completions {
+        /// bash, elvish, fish, powershell or zsh
+        shell: clap_complete::Shell,
+    },
+    /// Print builder's man page (roff; e.g. `builder manpage > /usr/local/share/man/man1/builder.1`)
+    Manpage,
     /// Pack a directory as one deterministic layer blob (.tar.gz)
     Pack {
         /// The directory to pack, as it is (modes and owners kept)
@@ -302,6 +310,17 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
             if !report.ok {
                 return Ok(ExitCode::from(1));
             }
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut text = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "builder", &mut text);
+            print(&String::from_utf8(text)?)?;
+        }
+        Command::Manpage => {
+            let mut text = Vec::new();
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut text)?;
+            print(&String::from_utf8(text)?)?;
         }
         Command::Pack { dir, out, json } => {
             let epoch = epoch::from_env()?;

@@ -581,3 +581,38 @@ fn the_telegram_credentials_stay_out_of_the_manifest_and_the_output() {
     assert_exit(&shown, 0);
     assert!(!stdout(&shown).contains(hash));
 }
+
+/// Shell completions and the man page come from the same definitions as the
+/// parser: every command is in both, bash accepts the script, and an unknown
+/// shell is a usage error.
+#[test]
+fn completions_and_the_man_page_come_from_the_command_definitions() {
+    let p = Project::copy_of_repo();
+    let bash = p.builder(&["completions", "bash"]);
+    assert_exit(&bash, 0);
+    let script = stdout(&bash);
+    let man = p.builder(&["manpage"]);
+    assert_exit(&man, 0);
+    let man = stdout(&man);
+    assert!(
+        man.starts_with(".ie") && man.contains(".TH builder 1"),
+        "{man}"
+    );
+    for command in [
+        "build", "render", "inspect", "verify", "layers", "profiles", "pack",
+    ] {
+        assert!(
+            script.contains(command),
+            "{command} not completed:\n{script}"
+        );
+        assert!(man.contains(command), "{command} not in the man page");
+    }
+    let checked = std::process::Command::new("bash")
+        .args(["-n", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(checked.status.success(), "{}", stderr(&checked));
+    let o = p.builder(&["completions", "tcsh"]);
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("tcsh"), "{}", stderr(&o));
+}
