@@ -60,18 +60,7 @@ fn refused(o: &Output, why: &str) {
 }
 
 fn login(stack: &Stack, user: &str, password: &str) -> Option<String> {
-    let body = serde_json::json!({
-        "type": "m.login.password",
-        "identifier": {"type": "m.id.user", "user": user},
-        "password": password,
-    });
-    let a = stack.request(
-        None,
-        "POST",
-        &format!("{BASE}/_matrix/client/v3/login"),
-        Some(&body),
-    );
-    (a.status == 200).then(|| a.json()["access_token"].as_str().unwrap().to_string())
+    common::stack::login(stack, BASE, user, password).ok()
 }
 
 fn bodies(stack: &Stack, token: &str, room: &str) -> Vec<String> {
@@ -157,16 +146,7 @@ fn lose_everything_and_boot_afresh(stack: &mut Stack, backup_dir: &Path) {
     }
     // The local repository was on the same disk.
     fs::remove_dir_all(backup_dir.join("repo")).unwrap();
-    stack.tmpfiles();
-    fs::write(
-        stack.state.join("synapse/conf.d/90-test-rate-limits.yaml"),
-        "rc_login:\n  address: {per_second: 100, burst_count: 100}\n  account: {per_second: 100, burst_count: 100}\n  failed_attempts: {per_second: 100, burst_count: 100}\n",
-    )
-    .unwrap();
-    stack.firstboot("secrets");
-    stack.start_postgres();
-    stack.firstboot("databases");
-    stack.firstboot("signing-key");
+    stack.first_boot_until_synapse();
     stack.start_synapse();
     stack.firstboot("admin-user");
 }

@@ -6,7 +6,7 @@ mod common;
 
 use std::fs;
 
-use common::stack::{boot, prepare, server_names, Stack, CA};
+use common::stack::{boot, login, prepare, server_names, Stack, CA};
 use common::*;
 
 /// The proxy as systemd brings it up: its containers (each unit's
@@ -182,26 +182,6 @@ fn the_databases_step_asks_for_c_collation_itself() {
     let made = stack
         .sql("SELECT datcollate || ' ' || datctype FROM pg_database WHERE datname = 'synapse'");
     assert_eq!(made, "C C");
-}
-
-/// Logs in; returns the access token, or the HTTP status on refusal.
-fn login(stack: &Stack, base: &str, user: &str, password: &str) -> Result<String, u16> {
-    let body = serde_json::json!({
-        "type": "m.login.password",
-        "identifier": {"type": "m.id.user", "user": user},
-        "password": password,
-    });
-    let a = stack.request(
-        None,
-        "POST",
-        &format!("{base}/_matrix/client/v3/login"),
-        Some(&body),
-    );
-    if a.status == 200 {
-        Ok(a.json()["access_token"].as_str().unwrap().to_string())
-    } else {
-        Err(a.status)
-    }
 }
 
 fn authed(

@@ -526,19 +526,46 @@ pub fn server_names() -> (String, String) {
 /// databases, signing key.
 pub fn prepare(project: &Project, values: &[(&str, &str)]) -> Stack {
     let mut stack = Stack::new(project, values);
-    stack.tmpfiles();
-    // Test-only: every login here comes from 127.0.0.1, and Synapse allows
-    // 5 logins per address before throttling for minutes.
-    fs::write(
-        stack.state.join("synapse/conf.d/90-test-rate-limits.yaml"),
-        "rc_login:\n  address: {per_second: 100, burst_count: 100}\n  account: {per_second: 100, burst_count: 100}\n  failed_attempts: {per_second: 100, burst_count: 100}\n",
-    )
-    .unwrap();
-    stack.firstboot("secrets");
-    stack.start_postgres();
-    stack.firstboot("databases");
-    stack.firstboot("signing-key");
+    stack.first_boot_until_synapse();
     stack
+}
+
+impl Stack {
+    /// First boot's steps on this stack's (empty) state up to Synapse.
+    pub fn first_boot_until_synapse(&mut self) {
+        self.tmpfiles();
+        // Test-only: every login here comes from 127.0.0.1, and Synapse allows
+        // 5 logins per address before throttling for minutes.
+        fs::write(
+            self.state.join("synapse/conf.d/90-test-rate-limits.yaml"),
+            "rc_login:\n  address: {per_second: 100, burst_count: 100}\n  account: {per_second: 100, burst_count: 100}\n  failed_attempts: {per_second: 100, burst_count: 100}\n",
+        )
+        .unwrap();
+        self.firstboot("secrets");
+        self.start_postgres();
+        self.firstboot("databases");
+        self.firstboot("signing-key");
+    }
+}
+
+/// Logs in; returns the access token, or the HTTP status on refusal.
+pub fn login(stack: &Stack, base: &str, user: &str, password: &str) -> Result<String, u16> {
+    let body = serde_json::json!({
+        "type": "m.login.password",
+        "identifier": {"type": "m.id.user", "user": user},
+        "password": password,
+    });
+    let a = stack.request(
+        None,
+        "POST",
+        &format!("{base}/_matrix/client/v3/login"),
+        Some(&body),
+    );
+    if a.status == 200 {
+        Ok(a.json()["access_token"].as_str().unwrap().to_string())
+    } else {
+        Err(a.status)
+    }
 }
 
 /// Brings a stack up to a running Synapse with its admin user, the way

@@ -48,7 +48,7 @@ use std::fs;
 use std::io::{Read as _, Write as _};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -496,18 +496,7 @@ impl Vm {
 
     /// The same checks as [`CheckInside`], over SSH.
     fn check_over_ssh(&self, check: &CheckInside) -> Result<()> {
-        let mut child = ssh_command(&self.key, self.ssh_port, "sh -s")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running ssh")?;
-        child
-            .stdin
-            .take()
-            .context("ssh's stdin")?
-            .write_all(check.script().as_bytes())?;
-        let out = child.wait_with_output()?;
+        let out = self.ssh_with_input("sh -s", &check.script())?;
         let text = String::from_utf8_lossy(&out.stdout);
         ensure!(
             text.contains(&format!("{CHECK_MARKER}passed")),
@@ -786,6 +775,24 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_secs(1));
         }
+    }
+
+    /// `command` over SSH with `input` on its standard input (a script, or
+    /// a secret that must not be on a command line); its output, whatever
+    /// its exit status.
+    pub(crate) fn ssh_with_input(&self, command: &str, input: &str) -> Result<Output> {
+        let mut child = ssh_command(&self.key, self.ssh_port, command)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running ssh")?;
+        child
+            .stdin
+            .take()
+            .context("ssh's standard input")?
+            .write_all(input.as_bytes())?;
+        Ok(child.wait_with_output()?)
     }
 
     pub(crate) fn ssh(&self, command: &str) -> Result<String> {
@@ -1108,18 +1115,8 @@ impl Vm {
     /// vm-journal.sh over SSH: the containers' logs reach the journal, and
     /// no secret is in it.
     pub(crate) fn check_journal(&self) -> Result<()> {
-        let mut child = ssh_command(&self.key, self.ssh_port, "sh -s")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running ssh")?;
-        child
-            .stdin
-            .take()
-            .context("ssh's stdin")?
-            .write_all(format!("{}\njournal_check\n", journal_script()).as_bytes())?;
-        let out = child.wait_with_output()?;
+        let script = format!("{}\njournal_check\n", journal_script());
+        let out = self.ssh_with_input("sh -s", &script)?;
         let text = String::from_utf8_lossy(&out.stdout);
         ensure!(
             text.starts_with("journal: ok"),

@@ -2,14 +2,13 @@
 //! on the host's loopback (the guest reaches it at [`BACKUP_HOST`] through
 //! qemu's guestfwd), and a fresh machine from the same image restores it.
 
-use std::io::Write as _;
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
-use super::{free_port, in_private_mounts, in_tools, ssh_command, Disk, Firmware, Vm, BACKUP_HOST};
+use super::{free_port, in_private_mounts, in_tools, Disk, Firmware, Vm, BACKUP_HOST};
 
 /// `restic-rest-server` from the tools root on 127.0.0.1, its repositories
 /// in `work/backup-rest`; stopped when dropped.
@@ -101,7 +100,13 @@ impl Vm {
             "the new machine's admin password is the old one before any restore"
         );
         // The key goes over standard input, never on a command line.
-        self.ssh_input("umask 077 && cat > /run/kept-key", &kept.key)?;
+        let command = "umask 077 && cat > /run/kept-key";
+        let out = self.ssh_with_input(command, &kept.key)?;
+        ensure!(
+            out.status.success(),
+            "ssh {command:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
         let out = self.ssh(&format!(
             "matrixctl backup configure rest:http://{BACKUP_HOST}/ --key /run/kept-key 2>&1 && rm /run/kept-key && \
              matrixctl backup restore 2>&1; echo \"exit=$?\""
@@ -135,27 +140,5 @@ impl Vm {
             started.elapsed()
         );
         self.shutdown(qemu)
-    }
-
-    /// `command` over SSH with `input` on its standard input.
-    fn ssh_input(&self, command: &str, input: &str) -> Result<()> {
-        let mut child = ssh_command(&self.key, self.ssh_port, command)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running ssh")?;
-        child
-            .stdin
-            .take()
-            .context("ssh's standard input")?
-            .write_all(input.as_bytes())?;
-        let out = child.wait_with_output()?;
-        ensure!(
-            out.status.success(),
-            "ssh {command:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        Ok(())
     }
 }
