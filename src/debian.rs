@@ -29,6 +29,8 @@ pub fn mirror() -> String {
 pub struct Bootstrap<'a> {
     /// What is being built, for messages ("the local image synapse").
     pub what: &'a str,
+    /// The Debian suite ([`SUITE`] but for an image that needs a newer one).
+    pub suite: &'a str,
     /// mmdebstrap's --variant (essential, apt).
     pub variant: &'a str,
     pub packages: &'a [String],
@@ -83,8 +85,14 @@ pub fn mmdebstrap(b: &Bootstrap, cache: &Cache) -> Result<()> {
         .args(&b.hooks)
         .arg(format!(
             "--customize-hook=sync-out /var/cache/apt/archives {debs_out_q}"
-        ))
-        .arg(SUITE)
+        ));
+    if b.suite != SUITE {
+        // Testing's Release file is valid for days only, and a dated mirror (a
+        // snapshot, for a reproducible build) serves an expired one. Its
+        // signature is still checked.
+        cmd.arg("--aptopt=Acquire::Check-Valid-Until \"false\"");
+    }
+    cmd.arg(b.suite)
         .arg(b.target)
         .arg(&mirror)
         .env("SOURCE_DATE_EPOCH", b.epoch.to_string())
@@ -95,9 +103,10 @@ pub fn mmdebstrap(b: &Bootstrap, cache: &Cache) -> Result<()> {
         let tail: Vec<&str> = text.lines().rev().take(20).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         bail!(
-            "mmdebstrap could not build {} (a package not in Debian {SUITE}, or the mirror \
+            "mmdebstrap could not build {} (a package not in Debian {}, or the mirror \
              {mirror} unreachable?):\n{}",
             b.what,
+            b.suite,
             tail.join("\n")
         );
     }

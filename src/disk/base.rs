@@ -40,6 +40,7 @@ pub fn ensure(spec: &DiskSpec, cache: &Cache, epoch: u64, progress: &mut Progres
         debian::mmdebstrap(
             &debian::Bootstrap {
                 what: "the disk image's base",
+                suite: SUITE,
                 variant: "essential",
                 packages: &spec.base.packages,
                 hooks: Vec::new(),

@@ -85,6 +85,7 @@ pub fn ensure(cache: &Cache, epoch: u64, progress: &mut Progress) -> Result<Tool
         debian::mmdebstrap(
             &debian::Bootstrap {
                 what: "the disk image's tools root",
+                suite: SUITE,
                 variant: "apt",
                 packages: &packages,
                 hooks: Vec::new(),

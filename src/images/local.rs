@@ -19,7 +19,7 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use serde_json::{json, Map, Value as Json};
 
 use super::chroot::{self, Bind};
-use super::recipe::{Recipe, SUITE};
+use super::recipe::Recipe;
 use super::{BlobRef, StoredImage};
 use crate::cache::Cache;
 use crate::debian::{self, mirror};
@@ -86,8 +86,9 @@ pub fn build(
             "choose another image source (upstream, or archive:PATH)",
         )?;
         progress.note(&format!(
-            "image {}: installing Debian {SUITE} packages ({}) with mmdebstrap",
+            "image {}: installing Debian {} packages ({}) with mmdebstrap",
             recipe.name,
+            recipe.suite(),
             recipe.def.base.packages.join(", ")
         ));
         let dir = cache.temp_dir("root-")?;
@@ -127,7 +128,11 @@ pub fn build(
         layer_blob(
             &base,
             "base",
-            format!("Debian {SUITE}: {}", recipe.def.base.packages.join(" ")),
+            format!(
+                "Debian {}: {}",
+                recipe.suite(),
+                recipe.def.base.packages.join(" ")
+            ),
         ),
         layer_blob(
             &app,
@@ -212,6 +217,7 @@ fn debootstrap(recipe: &Recipe, epoch: u64, cache: &Cache, dir: &Path) -> Result
     debian::mmdebstrap(
         &debian::Bootstrap {
             what: &what,
+            suite: recipe.suite(),
             variant: "essential",
             packages: &recipe.def.base.packages,
             hooks: vec![format!(

