@@ -245,7 +245,19 @@ impl Stack {
     /// A command inside the stack: its namespace, the tools root, the
     /// rendered tree, its state; `extra` binds on top.
     pub fn command(&self, extra: &[(PathBuf, String)], program: &str, args: &[&str]) -> Command {
-        let inner = self.tools.command_in(&self.sandbox(extra), program, args);
+        self.command_in_root(&self.tools, extra, program, args)
+    }
+
+    /// [`Self::command`] in another tools root (e.g. the one with the next
+    /// PostgreSQL major).
+    pub fn command_in_root(
+        &self,
+        tools: &ToolsRoot,
+        extra: &[(PathBuf, String)],
+        program: &str,
+        args: &[&str],
+    ) -> Command {
+        let inner = tools.command_in(&self.sandbox(extra), program, args);
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.netns])
             .arg(inner.get_program())
@@ -282,8 +294,21 @@ impl Stack {
         program: &str,
         args: &[&str],
     ) {
+        self.spawn_in_root(None, name, extra, env, program, args);
+    }
+
+    /// [`Self::spawn`] in another tools root (`None`: the stack's own).
+    pub fn spawn_in_root(
+        &mut self,
+        tools: Option<&ToolsRoot>,
+        name: &str,
+        extra: &[(PathBuf, String)],
+        env: &[(&str, &str)],
+        program: &str,
+        args: &[&str],
+    ) {
         let log = fs::File::create(self.log_path(name)).unwrap();
-        let mut cmd = self.command(extra, program, args);
+        let mut cmd = self.command_in_root(tools.unwrap_or(&self.tools), extra, program, args);
         cmd.envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -437,6 +462,54 @@ impl Stack {
         );
         // Each command has its own mount namespace, so clients use TCP with
         // the superuser password (a test-only file next to the state).
+        let password = self.secret("secrets/postgres-password");
+        let pgpass = self.state.join("test-superuser.pgpass");
+        fs::write(&pgpass, format!("127.0.0.1:5432:*:postgres:{password}\n")).unwrap();
+        fs::set_permissions(&pgpass, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    }
+
+    /// PostgreSQL as the local image runs it, for the major the rendered
+    /// layers pin (`cluster.env`): the image's own entrypoint (initdb on an
+    /// empty cluster, refusal of another major's, then the server), with the
+    /// quadlet's volumes and environment, in `tools` (`None`: the stack's
+    /// root, PostgreSQL 17). Unlike [`Self::start_postgres`], it starts an
+    /// existing cluster as it is.
+    pub fn start_postgres_image(&mut self, tools: Option<&ToolsRoot>) {
+        let cluster = fs::read_to_string(
+            self.rendered
+                .join("usr/share/matrix-appliance/postgres/cluster.env"),
+        )
+        .unwrap();
+        let major = cluster
+            .lines()
+            .find_map(|l| l.strip_prefix("PG_MAJOR="))
+            .expect("PG_MAJOR in cluster.env")
+            .trim_matches('\'')
+            .to_string();
+        let q = self.quadlet("matrix-postgres.container");
+        let mut binds = self.volume_binds(&q);
+        binds.push((
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("images/local/postgres/root/usr/local/bin/docker-entrypoint.sh"),
+            "/usr/local/bin/docker-entrypoint.sh".to_string(),
+        ));
+        let path = format!("PATH=/usr/lib/postgresql/{major}/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+        let mut args = vec![path];
+        for (k, v) in Self::quadlet_env(&q) {
+            args.push(format!("{k}={v}"));
+        }
+        args.push("/usr/local/bin/docker-entrypoint.sh".into());
+        args.push("postgres".into());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.spawn_in_root(tools, "postgres", &binds, &[], "env", &args);
+        let health = words(&q["HealthCmd"][0]);
+        let health: Vec<&str> = health.iter().map(String::as_str).collect();
+        self.wait_for(
+            "PostgreSQL",
+            Duration::from_secs(60),
+            health[0],
+            &health[1..],
+        );
         let password = self.secret("secrets/postgres-password");
         let pgpass = self.state.join("test-superuser.pgpass");
         fs::write(&pgpass, format!("127.0.0.1:5432:*:postgres:{password}\n")).unwrap();
@@ -623,16 +696,33 @@ impl Stack {
     }
 
     /// Stops PostgreSQL as its unit would (a fast shutdown) and waits until
-    /// the server is gone: `runuser`, the process [`Self::spawn`] started,
-    /// forks the server, so killing it would leave the server running.
+    /// the server is gone: `runuser` ([`Self::start_postgres`]) forks the
+    /// server, so killing the process [`Self::spawn`] started would leave the
+    /// server running.
     pub fn stop_postgres(&mut self) {
-        let pidfile = self.state.join("postgres/postmaster.pid");
+        let q = self.quadlet("matrix-postgres.container");
+        let data = self
+            .volume_binds(&q)
+            .into_iter()
+            .find(|(_, inside)| inside == "/var/lib/postgresql/data")
+            .expect("the postgres quadlet mounts a data directory")
+            .0;
+        let pidfile = data.join("postmaster.pid");
         let text =
             fs::read_to_string(&pidfile).unwrap_or_else(|e| panic!("{}: {e}", pidfile.display()));
         let pid = text.lines().next().unwrap().trim().to_string();
         run_ok(Command::new("kill").args(["-INT", &pid]));
         let deadline = Instant::now() + Duration::from_secs(60);
-        while Path::new(&format!("/proc/{pid}")).exists() {
+        // Gone, or a zombie: the image's entrypoint execs the server, which
+        // is then the spawned child itself, reaped by `stop` below.
+        let running = || {
+            fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                stat.rsplit(')')
+                    .next()
+                    .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+            })
+        };
+        while running() {
             assert!(
                 Instant::now() < deadline,
                 "PostgreSQL (pid {pid}) did not stop"

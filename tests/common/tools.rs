@@ -68,6 +68,23 @@ impl ToolsRoot {
         }
     }
 
+    /// The Debian forky root with the next PostgreSQL major (18), named by
+    /// `BUILDER_POSTGRES_NEXT_ROOT`, else `target/tools/postgres-next`.
+    pub fn postgres_next() -> ToolsRoot {
+        let main = ToolsRoot::get();
+        let root = std::env::var_os("BUILDER_POSTGRES_NEXT_ROOT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| main.root.parent().unwrap().join("postgres-next"));
+        let root = fs::canonicalize(&root)
+            .unwrap_or_else(|e| panic!("no PostgreSQL 18 root at {} ({e}): {HOW}", root.display()));
+        assert!(
+            root.join("usr/lib/postgresql/18/bin/postgres").exists(),
+            "{} has no PostgreSQL 18: {HOW}",
+            root.display()
+        );
+        ToolsRoot { root, ..main }
+    }
+
     /// A program from the PyPI venv (e.g. `traefik`), as a host path.
     pub fn venv_bin(&self, name: &str) -> PathBuf {
         let path = self.venv.join("bin").join(name);

@@ -12,8 +12,10 @@
 //!    qemu's guestfwd): a copy with one changed byte is refused, the real one
 //!    is installed into the empty root slot;
 //! 2. the reboot, with legacy BIOS (SeaBIOS → GRUB), into the update on
-//!    trial: it must pass its health gate and be kept; a broken version (its
-//!    Synapse never starts) is applied;
+//!    trial, which runs the next PostgreSQL major (18; the first version
+//!    runs 17): it moves the databases at its first boot, must pass its
+//!    health gate and be kept, and then removes 17's cluster; a broken
+//!    version (its Synapse never starts) is applied;
 //! 3. UEFI, from the disk made raw: the broken version fails its 3 tries
 //!    and systemd-boot boots the kept version again;
 //! 4. BIOS: the broken version back on trial for GRUB with one try left
@@ -198,7 +200,15 @@ pub fn run(args: &[String]) -> Result<()> {
     // as updates from a loopback HTTP server (first a tampered copy).
     let newer = build(
         "out-newer",
-        &["--set", "max_upload_size=77M", "--version", NEWER_VERSION],
+        &[
+            "--set",
+            "max_upload_size=77M",
+            // The next PostgreSQL major: its first boot moves the databases.
+            "--set",
+            "postgres_major=18",
+            "--version",
+            NEWER_VERSION,
+        ],
     )?;
     // Its qcow2 stays: the new machine the backup is restored on.
     remove_images(&newer, &["raw", "bundle.tar"])?;
@@ -249,6 +259,7 @@ pub fn run(args: &[String]) -> Result<()> {
     };
     vm.check_over_ssh(&updated)?;
     eprintln!("vm-test: the update passed its health gate and was kept; data and identity intact");
+    vm.check_postgres_moved()?;
     vm.check_from_refusal()?;
     // No downgrade unless asked: the first version's update, served again,
     // is not taken for a newer one.
@@ -475,6 +486,18 @@ impl Vm {
         eprintln!("vm-test: an interrupted download changes nothing; trying again:");
         let out = self.ssh("matrixctl update apply --no-reboot 2>&1")?;
         eprintln!("vm-test: matrixctl update apply:\n{}", out.trim_end());
+        // The update brings PostgreSQL 18: nothing may change the databases
+        // between the dump and the reboot.
+        ensure!(
+            out.contains("runs PostgreSQL 18 (this version 17): the stack stays stopped"),
+            "apply --no-reboot did not say the stack stays stopped for the move to PostgreSQL 18:\n{out}"
+        );
+        let running =
+            self.ssh("systemctl is-active matrix-postgres.service matrix-synapse.service; true")?;
+        ensure!(
+            !running.lines().any(|l| l.trim() == "active"),
+            "PostgreSQL or Synapse runs again after the pre-update dump:\n{running}"
+        );
         let after = self.ssh(slots)?;
         ensure!(
             after.trim() == format!("appliance_{FIRST_VERSION} appliance_{NEWER_VERSION}"),
@@ -491,6 +514,41 @@ impl Vm {
                 .contains("synapse.dump"),
             "no pre-update dump of Synapse's database"
         );
+        Ok(())
+    }
+
+    /// The update moved the databases to PostgreSQL 18 (the message read
+    /// back proves the rows came along): 18 serves, the move's record counts
+    /// its tables, and once the health gate passed 17's cluster is gone with
+    /// a note in its place.
+    fn check_postgres_moved(&self) -> Result<()> {
+        let version = self
+            .ssh("podman exec matrix-postgres psql -U postgres -tAc 'SHOW server_version_num'")?;
+        ensure!(
+            version.trim().starts_with("18"),
+            "PostgreSQL after the update is not 18: {version}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let status = self.ssh("matrixctl update status")?;
+            let note = self.ssh(
+                "cat /var/lib/matrix/postgres/MOVED 2>/dev/null; ls /var/lib/matrix/postgres",
+            )?;
+            if status.contains("tables_checked=") && status.contains("retired=") {
+                ensure!(
+                    note.contains("moved to PostgreSQL 18 in /var/lib/matrix/postgres-18")
+                        && !note.contains("PG_VERSION"),
+                    "17's cluster was not replaced by a note:\n{note}"
+                );
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the move to PostgreSQL 18 is not recorded as checked and retired:\n{status}\n{note}"
+            );
+            std::thread::sleep(Duration::from_secs(5));
+        }
+        eprintln!("vm-test: the databases moved to PostgreSQL 18, row counts checked; 17's cluster removed after the gate");
         Ok(())
     }
 
@@ -1348,6 +1406,8 @@ fn build_broken(build: &dyn Fn(&str, &[&str]) -> Result<PathBuf>, work: &Path) -
             project.to_str().context("a UTF-8 work path")?,
             "--set",
             "max_upload_size=77M",
+            "--set",
+            "postgres_major=18",
             "--version",
             BROKEN_VERSION,
         ],
