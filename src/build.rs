@@ -3,8 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::{symlink, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{anyhow, Context, Result};
 use serde::Serialize;
@@ -343,55 +342,9 @@ pub fn render_to_dir(req: &BuildRequest, progress: &mut Progress) -> Result<usiz
     let staging = tempfile::Builder::new()
         .prefix(".render-")
         .tempdir_in(&parent)?;
-    write_tree(&tree, staging.path())?;
+    tree.write_to(staging.path())?;
     let staged = staging.keep();
     fs::rename(&staged, out)
         .with_context(|| format!("moving the rendered tree to {}", out.display()))?;
     Ok(tree.len())
-}
-
-/// Writes a tree to disk with its modes; owners too when running as root.
-/// A file or link already at a path (the disk image's base) is replaced,
-/// never written through.
-pub(crate) fn write_tree(tree: &Tree, root: &Path) -> Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let as_root = rustix::process::geteuid().is_root();
-    let mut dirs = Vec::new();
-    for (path, entry) in tree.iter() {
-        let dest = root.join(std::ffi::OsStr::from_bytes(path));
-        let existing = fs::symlink_metadata(&dest).ok();
-        if existing.is_some_and(|m| !m.is_dir()) && !matches!(entry.node, Node::Dir) {
-            fs::remove_file(&dest).with_context(|| format!("replacing {}", dest.display()))?;
-        }
-        match &entry.node {
-            Node::Dir => {
-                fs::create_dir_all(&dest)?;
-                dirs.push((dest.clone(), entry.mode));
-            }
-            Node::File(Content::Bytes(bytes)) => {
-                fs::write(&dest, bytes).with_context(|| format!("writing {}", dest.display()))?;
-                fs::set_permissions(&dest, fs::Permissions::from_mode(entry.mode))?;
-            }
-            Node::File(Content::File { path: src, .. }) => {
-                fs::copy(src, &dest).with_context(|| format!("writing {}", dest.display()))?;
-                fs::set_permissions(&dest, fs::Permissions::from_mode(entry.mode))?;
-            }
-            Node::Symlink(target) => symlink(std::ffi::OsStr::from_bytes(target), &dest)?,
-            Node::Device { .. } => {
-                return Err(anyhow!(
-                    "{}: device nodes are not written by render",
-                    dest.display()
-                ))
-            }
-        }
-        if as_root {
-            std::os::unix::fs::lchown(&dest, Some(entry.uid), Some(entry.gid))?;
-        }
-    }
-    // Directory modes last, deepest first, so a read-only directory does not
-    // stop its own children from being written.
-    for (dir, mode) in dirs.into_iter().rev() {
-        fs::set_permissions(&dir, fs::Permissions::from_mode(mode))?;
-    }
-    Ok(())
 }

@@ -7,18 +7,18 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use builder::build::{self, BuildRequest};
-use builder::plan::SiteInput;
-use builder::progress::Progress;
-use builder::project::Project;
-use builder::tree::Tree;
-use builder::{cache, epoch, inspect, layer, pack, profile, verify};
+use crate::build::{self, BuildRequest};
+use crate::plan::SiteInput;
+use crate::progress::Progress;
+use crate::project::Project;
+use crate::tree::Tree;
+use crate::{cache, epoch, inspect, layer, pack, profile, verify};
 
 /// Builds reproducible, immutable Matrix homeserver appliance images from
 /// layers, a profile and a few site values.
 #[derive(Parser)]
 #[command(version, max_term_width = 80, help_expected = true)]
-pub(crate) struct Cli {
+pub struct Cli {
     /// The project directory holding layers/, profiles/ and images/
     /// [default: the current directory or the nearest parent with them]
     #[arg(long, global = true, value_name = "DIR")]
@@ -182,7 +182,7 @@ fn build_request(
     })
 }
 
-pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
+pub fn run(cli: Cli) -> Result<ExitCode> {
     let project = || Project::locate(cli.project.as_deref());
     match cli.command {
         Command::Build {
@@ -196,7 +196,7 @@ pub(crate) fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let mut req = build_request(project()?, &site, out, cache_dir)?;
             req.version = version;
-            req.keys = builder::disk::signing::Keys {
+            req.keys = crate::disk::signing::Keys {
                 sign: sign_key,
                 trust: trust_key,
             };

@@ -9,7 +9,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 use crate::cache::Cache;
-use crate::images::chroot;
+use crate::chroot;
 
 /// The Debian release every root is made from.
 pub const SUITE: &str = "trixie";

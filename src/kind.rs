@@ -12,6 +12,8 @@ use crate::project::Project;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct KindToml {
+    /// Required in the file, for its reader; the builder does not use it.
+    #[allow(dead_code)]
     pub description: String,
     /// Layers composed into this kind's artifact only, after the profile's.
     #[serde(default)]

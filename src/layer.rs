@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -43,7 +43,7 @@ pub struct LayerToml {
     pub json: BTreeMap<String, toml::Table>,
     /// Container images the layer brings, by image name.
     #[serde(default)]
-    pub images: BTreeMap<String, crate::images::ImageDecl>,
+    pub images: BTreeMap<String, crate::image_decl::ImageDecl>,
     /// Images other layers declare that this layer's templates use.
     #[serde(default)]
     pub use_images: Vec<String>,
@@ -85,7 +85,6 @@ pub enum SourceNode {
 #[derive(Debug, Clone)]
 pub struct Layer {
     pub name: String,
-    pub dir: PathBuf,
     pub toml_text: String,
     pub def: LayerToml,
     /// Paths relative to `root/`, as bytes, in byte order.
@@ -120,7 +119,7 @@ impl Layer {
             anyhow::anyhow!("{}: {}", toml_path.display(), e.to_string().trim_end())
         })?;
         for (name, decl) in &def.images {
-            crate::images::check_decl(name, decl).map_err(|why| {
+            crate::image_decl::check_decl(name, decl).map_err(|why| {
                 anyhow::anyhow!("{}: [images.{name}]: {why}", toml_path.display())
             })?;
         }
@@ -178,7 +177,6 @@ impl Layer {
         };
         Ok(Layer {
             name: name.to_string(),
-            dir,
             toml_text,
             def,
             sources,

@@ -1,16 +1,14 @@
 //! The `builder` command line: parses arguments (src/cli.rs) and dispatches
 //! to the library. Exit codes: 0 success, 1 failure, 2 usage error.
 
-mod cli;
-
 use std::process::ExitCode;
 
 use builder::error::is_usage;
 use clap::Parser as _;
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
-    match cli::run(cli) {
+    let cli = builder::cli::Cli::parse();
+    match builder::cli::run(cli) {
         Ok(code) => code,
         Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {

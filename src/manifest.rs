@@ -7,7 +7,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
 use crate::digest::Digest;
-use crate::disk::DiskInfo;
 
 /// 2: `images` added.
 pub const SCHEMA: u32 = 2;
@@ -75,4 +74,37 @@ impl Manifest {
         bytes.push(b'\n');
         bytes
     }
+}
+
+/// What the manifest records about the disk image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskInfo {
+    /// os-release's IMAGE_ID and IMAGE_VERSION.
+    pub image_id: String,
+    pub image_version: String,
+    /// Debian release of the base.
+    pub suite: String,
+    pub kernel: String,
+    pub kernel_cmdline: String,
+    /// Every installed Debian package with its version.
+    pub packages: BTreeMap<String, String>,
+    pub partitions: Vec<PartitionInfo>,
+    /// Apparent size of the raw image in bytes.
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartitionInfo {
+    /// GPT partition name (`esp`, `bios`, `appliance_<version>` for the
+    /// root slot holding this version, `_empty` for the other, `var`).
+    pub label: String,
+    pub filesystem: Option<String>,
+    /// Byte offset in the disk image (where a newer image's partition is
+    /// written over an installed one).
+    pub offset: u64,
+    pub size: u64,
+    /// GPT partition UUID (fixed by the profile's seed).
+    pub uuid: String,
 }

@@ -9,7 +9,6 @@ use serde_json::{json, Value as Json};
 use crate::digest::Digest;
 
 pub const MEDIA_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-pub const MEDIA_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 pub const MEDIA_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const MEDIA_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const MEDIA_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -38,8 +37,6 @@ pub struct Platform {
 /// An image manifest, as far as the builder reads one.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ImageManifest {
-    #[serde(rename = "mediaType")]
-    pub media_type: Option<String>,
     pub config: Descriptor,
     pub layers: Vec<Descriptor>,
 }

@@ -33,7 +33,6 @@ pub struct Plan {
     pub profile: Profile,
     /// The included layers, dependencies first.
     pub layers: Vec<Layer>,
-    pub specs: BTreeMap<String, ValueSpec>,
     pub values: Values,
     /// The container images the layers need, by name, with their sources.
     pub images: Vec<PlannedImage>,
@@ -175,7 +174,6 @@ pub fn plan(project: &Project, profile_name: &str, input: &SiteInput) -> Result<
     Ok(Plan {
         profile,
         layers,
-        specs,
         values,
         images,
         kind_layers,

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{symlink, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -189,10 +189,6 @@ impl Tree {
         self.entries.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// Reads a directory tree from disk as it is, keeping modes and numeric
     /// owners (an OS root tree needs its setuid bits and owners), never
     /// following symlinks. File contents are streamed later, not loaded.
@@ -267,6 +263,54 @@ fn major(dev: u64) -> u32 {
 
 fn minor(dev: u64) -> u32 {
     (((dev >> 12) & 0xffff_ff00) | (dev & 0x0000_00ff)) as u32
+}
+
+impl Tree {
+    /// Writes a tree to disk with its modes; owners too when running as root.
+    /// A file or link already at a path (the disk image's base) is replaced,
+    /// never written through.
+    pub fn write_to(&self, root: &Path) -> anyhow::Result<()> {
+        let as_root = rustix::process::geteuid().is_root();
+        let mut dirs = Vec::new();
+        for (path, entry) in self.iter() {
+            let dest = root.join(std::ffi::OsStr::from_bytes(path));
+            let existing = fs::symlink_metadata(&dest).ok();
+            if existing.is_some_and(|m| !m.is_dir()) && !matches!(entry.node, Node::Dir) {
+                fs::remove_file(&dest).with_context(|| format!("replacing {}", dest.display()))?;
+            }
+            match &entry.node {
+                Node::Dir => {
+                    fs::create_dir_all(&dest)?;
+                    dirs.push((dest.clone(), entry.mode));
+                }
+                Node::File(Content::Bytes(bytes)) => {
+                    fs::write(&dest, bytes)
+                        .with_context(|| format!("writing {}", dest.display()))?;
+                    fs::set_permissions(&dest, fs::Permissions::from_mode(entry.mode))?;
+                }
+                Node::File(Content::File { path: src, .. }) => {
+                    fs::copy(src, &dest).with_context(|| format!("writing {}", dest.display()))?;
+                    fs::set_permissions(&dest, fs::Permissions::from_mode(entry.mode))?;
+                }
+                Node::Symlink(target) => symlink(std::ffi::OsStr::from_bytes(target), &dest)?,
+                Node::Device { .. } => {
+                    return Err(anyhow::anyhow!(
+                        "{}: device nodes are not written by render",
+                        dest.display()
+                    ))
+                }
+            }
+            if as_root {
+                std::os::unix::fs::lchown(&dest, Some(entry.uid), Some(entry.gid))?;
+            }
+        }
+        // Directory modes last, deepest first, so a read-only directory does not
+        // stop its own children from being written.
+        for (dir, mode) in dirs.into_iter().rev() {
+            fs::set_permissions(&dir, fs::Permissions::from_mode(mode))?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

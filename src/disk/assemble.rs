@@ -13,8 +13,8 @@ use super::base::Base;
 use super::image_store;
 use super::spec::DiskSpec;
 use super::tools::Tools;
-use crate::build::write_tree;
-use crate::images::{chroot, PlannedImage};
+use crate::chroot;
+use crate::images::PlannedImage;
 use crate::tree::Tree;
 
 /// Files made by package scripts that identify one machine, or are secret:
@@ -53,7 +53,9 @@ pub fn stage(
 ) -> Result<Staged> {
     let root = scratch.join("root");
     copy_tree(&base.root, &root)?;
-    write_tree(merged, &root).context("laying the layers over the base")?;
+    merged
+        .write_to(&root)
+        .context("laying the layers over the base")?;
     image_store::make(tools, &root, embedded, scratch, epoch)?;
     configure(spec, &root, epoch)?;
     name_the_image(&root, version)?;

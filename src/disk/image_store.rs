@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 
 use super::tools::Tools;
-use crate::images::chroot::{self, Bind};
+use crate::chroot::{self, Bind};
 use crate::images::{PlannedImage, LAYOUT_DIR};
 
 /// The store in the root (Podman's `additionalimagestores`).

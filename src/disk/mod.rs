@@ -28,55 +28,21 @@ mod tools;
 mod update;
 pub mod version;
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::cache::{Cache, Key};
-use crate::images::chroot;
+use crate::chroot;
+pub use crate::manifest::{DiskInfo, PartitionInfo};
 use crate::plan::Plan;
 use crate::progress::Progress;
 use crate::project::Project;
 use crate::tree::Tree;
 
 pub const KIND: &str = "disk";
-
-/// What the manifest records about the disk image.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DiskInfo {
-    /// os-release's IMAGE_ID and IMAGE_VERSION.
-    pub image_id: String,
-    pub image_version: String,
-    /// Debian release of the base.
-    pub suite: String,
-    pub kernel: String,
-    pub kernel_cmdline: String,
-    /// Every installed Debian package with its version.
-    pub packages: BTreeMap<String, String>,
-    pub partitions: Vec<PartitionInfo>,
-    /// Apparent size of the raw image in bytes.
-    pub size: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PartitionInfo {
-    /// GPT partition name (`esp`, `bios`, `appliance_<version>` for the
-    /// root slot holding this version, `_empty` for the other, `var`).
-    pub label: String,
-    pub filesystem: Option<String>,
-    /// Byte offset in the disk image (where a newer image's partition is
-    /// written over an installed one).
-    pub offset: u64,
-    pub size: u64,
-    /// GPT partition UUID (fixed by the profile's seed).
-    pub uuid: String,
-}
 
 /// The finished images, in the cache (the caller copies them into `--out`).
 pub struct DiskImages {

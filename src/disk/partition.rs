@@ -13,7 +13,7 @@ use super::boot::{stem, RootUuids};
 use super::spec::DiskSpec;
 use super::tools::Tools;
 use super::PartitionInfo;
-use crate::images::chroot::{self, Bind};
+use crate::chroot::{self, Bind};
 
 /// GPT type of a BIOS boot partition (GRUB's core image lives there).
 const BIOS_BOOT: &str = "21686148-6449-6e6f-744e-656564454649";

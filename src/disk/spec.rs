@@ -11,8 +11,12 @@ use crate::project::Project;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
+    /// For the file's reader; required so that every kind file says what it is.
+    #[allow(dead_code)]
     pub description: String,
-    /// Read by `kind` (layers only this artifact gets).
+    /// Read by `kind` (layers only this artifact gets); declared here for
+    /// `deny_unknown_fields`.
+    #[allow(dead_code)]
     #[serde(default)]
     pub layers: Vec<String>,
     pub base: BaseSpec,

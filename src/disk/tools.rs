@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
-use crate::images::chroot::{self, Bind};
+use crate::chroot::{self, Bind};
 
 use crate::cache::{Cache, Key};
 use crate::debian::{self, SUITE};

@@ -18,10 +18,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use serde_json::{json, Map, Value as Json};
 
-use super::chroot::{self, Bind};
 use super::recipe::Recipe;
 use super::{BlobRef, StoredImage};
 use crate::cache::Cache;
+use crate::chroot::{self, Bind};
 use crate::debian::{self, mirror};
 use crate::digest::Digest;
 use crate::layer::SourceNode;
