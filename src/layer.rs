@@ -41,6 +41,10 @@ pub struct LayerToml {
     /// JSON documents built from a TOML table by serde, by output path.
     #[serde(default)]
     pub json: BTreeMap<String, toml::Table>,
+    /// A document of `json` is written only when every named value equals
+    /// the given one (as the layer's `when`), by output path.
+    #[serde(default)]
+    pub json_when: BTreeMap<String, BTreeMap<String, toml::Value>>,
     /// Container images the layer brings, by image name.
     #[serde(default)]
     pub images: BTreeMap<String, crate::image_decl::ImageDecl>,
@@ -150,6 +154,23 @@ impl Layer {
                 if !def.values.contains_key(&name) {
                     bail!(
                         "{}: [json.\"{path}\"] uses ${{{name}}}, which the layer does not declare; \
+                         add [values.{name}]",
+                        toml_path.display()
+                    );
+                }
+            }
+        }
+        for (path, when) in &def.json_when {
+            if !def.json.contains_key(path) {
+                bail!(
+                    "{}: [json_when.\"{path}\"] names no [json.\"{path}\"] document",
+                    toml_path.display()
+                );
+            }
+            for name in when.keys() {
+                if !def.values.contains_key(name) {
+                    bail!(
+                        "{}: [json_when.\"{path}\"] uses {name}, which the layer does not declare; \
                          add [values.{name}]",
                         toml_path.display()
                     );

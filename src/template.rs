@@ -61,6 +61,15 @@ pub fn render(name: &str, source: &str, values: &BTreeMap<String, Json>) -> Resu
             std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
                 .map(|e| e.to_string())
                 .collect();
+        // A template's `throw(message=...)` rejects a combination of site
+        // values: a usage error, in its own words.
+        if let Some(why) = chain
+            .iter()
+            .position(|c| c == "Function call 'throw' failed")
+            .and_then(|i| chain.get(i + 1))
+        {
+            return crate::error::usage(format!("site values: {why} (checked by {name})"));
+        }
         anyhow!("{name}: rendering failed: {}", chain.join(": "))
     })
 }

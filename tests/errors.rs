@@ -551,3 +551,55 @@ fn the_telegram_bridge_needs_its_credentials_and_never_echoes_them() {
         stderr(&o)
     );
 }
+
+#[test]
+fn an_isolated_server_with_the_federation_port_open_is_a_usage_error() {
+    let p = Project::copy_of_repo();
+    for proxy in ["nginx", "caddy", "traefik"] {
+        let o = p.builder(&[
+            "build",
+            "--profile",
+            "vps",
+            "--output",
+            "bundle",
+            "--set",
+            &format!("proxy={proxy}"),
+            "--set",
+            "federation=false",
+            "--set",
+            "federation_8448=true",
+        ]);
+        assert_exit(&o, 2);
+        let err = stderr(&o);
+        assert!(
+            err.contains("site values: federation_8448 = true opens a port for federation, and federation = false turns federation off"),
+            "{proxy}: {err}"
+        );
+        assert!(p.out_files().is_empty(), "out/ has {:?}", p.out_files());
+    }
+}
+
+#[test]
+fn a_json_condition_needs_its_document_and_declared_values() {
+    let p = fixture();
+    p.write(
+        "layers/a/layer.toml",
+        &format!("{LAYER}[json.\"etc/doc\"]\nx = 1\n[json_when.\"etc/other\"]\nserver_name = \"x.org\"\n"),
+    );
+    fails(
+        &p,
+        &[],
+        1,
+        &["[json_when.\"etc/other\"] names no [json.\"etc/other\"] document"],
+    );
+    p.write(
+        "layers/a/layer.toml",
+        &format!("{LAYER}[json.\"etc/doc\"]\nx = 1\n[json_when.\"etc/doc\"]\nflag = true\n"),
+    );
+    fails(
+        &p,
+        &[],
+        1,
+        &["[json_when.\"etc/doc\"] uses flag, which the layer does not declare"],
+    );
+}

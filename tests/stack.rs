@@ -365,6 +365,69 @@ fn round_trip_through_nginx() {
     round_trip_through("nginx");
 }
 
+/// Issue 15: `federation = false`, an isolated server. Clients work through
+/// the proxy; the federation and key endpoints answer 404 through it and from
+/// Synapse itself (no listener serves them), and the server name delegates
+/// nothing (no /.well-known/matrix/server).
+fn isolated_through(proxy: &str) {
+    let project = Project::copy_of_repo();
+    let server_name = server_names().0;
+    let matrix_host = format!("matrix.{server_name}");
+    let mut stack = boot(
+        &project,
+        &[
+            ("server_name", &server_name),
+            ("proxy", proxy),
+            ("tls_mode", "internal"),
+            ("federation", "false"),
+        ],
+    );
+    stack.names = vec![server_name.clone(), matrix_host.clone()];
+    stack.write_hosts(&[]);
+    start_proxy(&mut stack, &matrix_host);
+    let base = format!("https://{matrix_host}");
+    let get = |url: &str| stack.http(&["--cacert", CA], url);
+
+    let versions = get(&format!("{base}/_matrix/client/versions"));
+    assert_eq!(versions.status, 200, "{versions:?}");
+    let admin_password = stack.secret("secrets/admin-password");
+    assert!(login(&stack, &base, "admin", &admin_password).is_ok());
+    for path in ["/_matrix/federation/v1/version", "/_matrix/key/v2/server"] {
+        let a = get(&format!("{base}{path}"));
+        assert_eq!(a.status, 404, "{path} through {proxy}: {a:?}");
+        // The proxy's own 404: the request never reached Synapse.
+        assert!(
+            !a.body.contains("M_UNRECOGNIZED"),
+            "{path} was proxied: {a:?}"
+        );
+        let direct = stack.http(&[], &format!("http://localhost:8008{path}"));
+        assert_eq!(direct.status, 404, "{path} from Synapse: {direct:?}");
+    }
+    let server = get(&format!("https://{server_name}/.well-known/matrix/server"));
+    assert_eq!(server.status, 404, "{server:?}");
+    let client = get(&format!("https://{server_name}/.well-known/matrix/client"));
+    assert_eq!(client.status, 200, "{client:?}");
+    assert_eq!(
+        client.json()["m.homeserver"]["base_url"],
+        format!("https://{matrix_host}")
+    );
+}
+
+#[test]
+fn an_isolated_server_serves_clients_and_no_federation_through_nginx() {
+    isolated_through("nginx");
+}
+
+#[test]
+fn an_isolated_server_serves_clients_and_no_federation_through_caddy() {
+    isolated_through("caddy");
+}
+
+#[test]
+fn an_isolated_server_serves_clients_and_no_federation_through_traefik() {
+    isolated_through("traefik");
+}
+
 /// Issue 3, proof 3: two homeservers, each delegating through its own
 /// .well-known on 443, federate: a user of one joins a room on the other and
 /// messages go both ways. Each stack has its own network namespace; a veth
@@ -567,6 +630,7 @@ fn synapse_config_check_accepts_the_rendered_homeserver_yaml() {
             ("max_upload_size", "2G"),
             ("podman_subnet", "10.99.0.0/24"),
         ],
+        vec![("server_name", name.as_str()), ("federation", "false")],
     ] {
         let stack = Stack::new(&project, &values);
         stack.tmpfiles();

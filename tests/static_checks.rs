@@ -136,6 +136,8 @@ impl Catalog {
             let default = &spec["default"];
             let value = match (spec["type"].as_str().unwrap(), name.as_str()) {
                 (_, "proxy") => None,
+                // Off only in its own variant: federation_8448 = true needs it on.
+                (_, "federation") => None,
                 ("server_name", _) => Some("chat.example.net".to_string()),
                 ("hostname", "matrix_host") => Some("hs.chat.example.net".to_string()),
                 ("hostname", _) => Some(format!("{}.chat.example.net", name.replace('_', "-"))),
@@ -189,7 +191,7 @@ impl Catalog {
             sets
         };
         let tag = proxy.map(|p| format!("proxy={p}, ")).unwrap_or_default();
-        vec![
+        let mut variants = vec![
             Variant {
                 label: format!("{tag}defaults"),
                 sets: with_proxy(Vec::new()),
@@ -198,7 +200,21 @@ impl Catalog {
                 label: format!("{tag}non-default values"),
                 sets: with_proxy(self.non_default_sets()),
             },
-        ]
+        ];
+        // An isolated server: the other non-default values without the 8448 port.
+        if self.values.contains_key("federation") {
+            let mut sets: Vec<(String, String)> = self
+                .non_default_sets()
+                .into_iter()
+                .filter(|(name, _)| name != "federation_8448")
+                .collect();
+            sets.push(("federation".to_string(), "false".to_string()));
+            variants.push(Variant {
+                label: format!("{tag}non-default values, federation = false"),
+                sets: with_proxy(sets),
+            });
+        }
+        variants
     }
 
     /// Every render to check: each offered proxy (or none, before the
