@@ -109,6 +109,25 @@ pub fn run(args: &[String]) -> Result<()> {
         "ssh-keygen",
     )?;
     let pubkey = fs::read_to_string(key.with_extension("pub"))?;
+    // A key the image does not carry: the platform passes it at first boot as
+    // the systemd credential ssh.authorized_keys.root (as a provider would).
+    let platform_key = work.join("id_ed25519_platform");
+    run_ok(
+        Command::new("ssh-keygen")
+            .args([
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                "vm-test-platform",
+                "-f",
+            ])
+            .arg(&platform_key),
+        "ssh-keygen",
+    )?;
+    let platform_pubkey = fs::read_to_string(platform_key.with_extension("pub"))?;
 
     let sign_key = make_keys(&tools.root, &work)?;
     let started = Instant::now();
@@ -221,11 +240,18 @@ pub fn run(args: &[String]) -> Result<()> {
     let rest = backup::RestServer::start(&tools.root, &work)?;
     vm.backup_port = Some(rest.port);
 
-    // First boot (UEFI); then the update is applied.
-    let mut qemu = vm.boot(Firmware::Uefi)?;
+    // First boot (UEFI), with a key from the platform; then the update is applied.
+    let mut qemu = vm.boot_with(
+        Firmware::Uefi,
+        &[(
+            "ssh.authorized_keys.root".to_string(),
+            platform_pubkey.clone(),
+        )],
+    )?;
     let first = vm.wait_ready(&mut qemu)?;
     eprintln!("vm-test: UEFI first boot ready in {:.0?}", first);
     vm.check_system()?;
+    vm.check_platform_key(&platform_key)?;
     let before = vm.identity()?;
     let before_sha = vm.ssh(&format!("({IDENTITY}) | sha256sum | cut -d' ' -f1"))?;
     let before_sha = before_sha.trim().to_string();
@@ -867,6 +893,25 @@ impl Vm {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// The key passed as a systemd credential logs in, beside the image's.
+    fn check_platform_key(&self, key: &Path) -> Result<()> {
+        let out = ssh_command(
+            key,
+            self.ssh_port,
+            "cat /run/matrix-appliance/ssh/authorized_keys.root",
+        )
+        .output()
+        .context("running ssh")?;
+        ensure!(
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout).contains("vm-test-platform"),
+            "the key passed as the credential ssh.authorized_keys.root does not log in: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        eprintln!("vm-test: a key passed by the platform (systemd credential) logs in too");
+        Ok(())
+    }
+
     /// Units, mounts and images as the issue asks.
     fn check_system(&self) -> Result<()> {
         let failed = self.ssh("systemctl list-units --failed --plain --no-legend")?;
@@ -886,6 +931,12 @@ impl Vm {
         }
         self.ssh("matrixctl status >/dev/null")
             .context("matrixctl status says the stack is not healthy")?;
+        // Name resolution by DNS only: nothing answers LLMNR (5355) or mDNS (5353).
+        let multicast = self.ssh("ss -Hlntu '( sport = :5355 or sport = :5353 )'")?;
+        ensure!(
+            multicast.trim().is_empty(),
+            "something listens for LLMNR or multicast DNS:\n{multicast}"
+        );
         let root = self.ssh("findmnt -no FSTYPE,OPTIONS /")?;
         ensure!(
             root.starts_with("erofs") && root.contains("ro"),
