@@ -255,3 +255,63 @@ for f in EFI/Linux/* appliance/*; do echo "$f: $(cat "$f")"; done
         assert!(out.contains(line), "missing {line:?} in:\n{out}");
     }
 }
+
+/// `matrixctl update rollback`: the other installed version boots from now
+/// on for both boot loaders and the running one is marked bad; also when the
+/// other one had used up its tries (sent back in by the admin, e.g. after a
+/// fresh database dump). Run against a scratch ESP with the rendered script.
+#[test]
+fn rollback_boots_the_other_version_for_both_boot_loaders() {
+    let tools = common::tools::ToolsRoot::get();
+    let p = Project::copy_of_repo();
+    let script = updater(&p);
+    const SCRIPT: &str = r#"set -eu
+mkdir -p /efi
+mount -t tmpfs tmpfs /efi
+mkdir -p /efi/EFI/Linux /efi/appliance /efi/grub
+for v in 1 2; do for x in vmlinuz initrd grub.cfg; do echo "$v" >/efi/appliance/appliance_$v.$x; done; done
+# GRUB's 1024-byte environment block, as the image has it.
+env_block() {
+	b=$(printf '# GRUB Environment Block\nappliance_good=%s\nappliance_try=%s\nappliance_tries=%s\nappliance_bad=%s\n' "$@")
+	{ printf '%s\n' "$b"; head -c $((1024 - ${#b} - 1)) /dev/zero | tr '\0' '#'; } >/efi/grub/grubenv
+}
+show() { echo "$1: $(ls /efi/EFI/Linux | tr '\n' ' ')| $(grep '^appliance_' /efi/grub/grubenv | tr '\n' ' ')| $(wc -c </efi/grub/grubenv)"; }
+
+# Running 2 (kept); rolling back to 1.
+echo 1 >/efi/EFI/Linux/appliance_1.efi
+echo 2 >/efi/EFI/Linux/appliance_2.efi
+env_block 2 '' '' ''
+MATRIX_IMAGE_VERSION=2 sh /updater rollback --no-reboot >/dev/null
+show back
+
+# Running 1 again; 2 had failed its tries: sent back in.
+rm /efi/EFI/Linux/*
+echo 1 >/efi/EFI/Linux/appliance_1.efi
+echo 2 >/efi/EFI/Linux/appliance_2+0-3.efi
+env_block 1 '' '' 2
+MATRIX_IMAGE_VERSION=1 sh /updater rollback --no-reboot >/dev/null
+show forward
+
+# Nothing else installed: refused.
+rm /efi/appliance/appliance_2.*
+MATRIX_IMAGE_VERSION=1 sh /updater rollback --no-reboot 2>&1 || echo "exit=$?"
+"#;
+    let o = tools
+        .command(&[(&script, "/updater")], "sh", &["-c", SCRIPT])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for line in [
+        "back: appliance_1.efi appliance_2+0-3.efi | appliance_good=1 appliance_try= appliance_tries= appliance_bad=2 | 1024",
+        "forward: appliance_1+0-3.efi appliance_2.efi | appliance_good=2 appliance_try= appliance_tries= appliance_bad=1 | 1024",
+        "no other version is installed: nothing to roll back to",
+        "exit=1",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+}
