@@ -153,6 +153,15 @@ pub fn plan(project: &Project, profile_name: &str, input: &SiteInput) -> Result<
         .into_iter()
         .filter(|l| when_holds(&l.def.when, &specs, &values))
         .filter(|l| profile.layers.contains(&l.name) || kind_layers.contains_key(&l.name))
+        .map(|mut l| {
+            // JSON documents whose `json_when` does not hold are not made.
+            let when = &l.def.json_when;
+            l.def.json.retain(|path, _| {
+                when.get(path)
+                    .is_none_or(|w| when_holds(w, &specs, &values))
+            });
+            l
+        })
         .collect();
     let layers = order(layers, project)?;
     check_conditionally_required(&layers, &conditional, &specs, &values)?;

@@ -52,11 +52,6 @@ pub fn layer_tree(layer: &Layer, values: &BTreeMap<String, Json>) -> Result<Tree
     }
     for (path, table) in &layer.def.json {
         let shown = format!("layers/{}/layer.toml: [json.\"{path}\"]", layer.name);
-        if let Some(when) = layer.def.json_when.get(path) {
-            if !when_holds(when, values) {
-                continue;
-            }
-        }
         if tree.get(path.as_bytes()).is_some() {
             return Err(anyhow!("{shown}: root/ also has {path}; keep one"));
         }
@@ -69,20 +64,6 @@ pub fn layer_tree(layer: &Layer, values: &BTreeMap<String, Json>) -> Result<Tree
     let file = format!("layers/{}/layer.toml", layer.name);
     apply_attributes(&layer.def.files, &file, &mut tree)?;
     Ok(tree)
-}
-
-/// Every named value equals the given one. Values here are already typed
-/// (JSON), and a condition names a bool, an enum or a string.
-fn when_holds(when: &BTreeMap<String, toml::Value>, values: &BTreeMap<String, Json>) -> bool {
-    when.iter().all(|(name, wanted)| {
-        let wanted = match wanted {
-            toml::Value::Boolean(b) => Json::Bool(*b),
-            toml::Value::String(s) => Json::String(s.clone()),
-            toml::Value::Integer(i) => Json::from(*i),
-            _ => return false,
-        };
-        values.get(name) == Some(&wanted)
-    })
 }
 
 /// Applies `[files."<glob>"]` (of layer.toml or a recipe, named `file`).

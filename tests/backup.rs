@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::stack::{boot, Stack};
-use common::{assert_exit, Project};
+use common::{ok, refused, Project};
 
 const BACKUP: &str = "/usr/libexec/matrix-appliance/appliance-backup";
 const BASE: &str = "http://localhost:8008";
@@ -40,23 +40,6 @@ fn backup(stack: &Stack, args: &[&str]) -> Output {
     let mut cmd = stack.command(&[], BACKUP, args);
     cmd.envs(env);
     cmd.output().unwrap()
-}
-
-fn ok(o: Output) -> String {
-    assert!(
-        o.status.success(),
-        "matrixctl backup failed ({:?}):\n{}\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn refused(o: &Output, why: &str) {
-    assert_exit(o, 1);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains(why), "expected {why:?} in:\n{err}");
 }
 
 fn login(stack: &Stack, user: &str, password: &str) -> Option<String> {

@@ -19,10 +19,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::assert_exit;
 use common::stack::{boot, Stack};
 use common::tools::ToolsRoot;
 use common::Project;
+use common::{ok, refused};
 
 const BASE: &str = "http://localhost:8008";
 const UPGRADE: &str = "/usr/libexec/matrix-appliance/matrix-pg-upgrade";
@@ -43,23 +43,6 @@ fn run(stack: &Stack, program: &str, args: &[&str]) -> Output {
     let mut cmd = stack.command(&[], program, args);
     cmd.envs(ENV.iter().copied());
     cmd.output().unwrap()
-}
-
-fn ok(o: Output) -> String {
-    assert!(
-        o.status.success(),
-        "failed ({:?}):\n{}\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn refused(o: &Output, why: &str) {
-    assert_exit(o, 1);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains(why), "expected {why:?} in:\n{err}");
 }
 
 /// Every file under `dir` with its contents: what "untouched" means.

@@ -194,22 +194,28 @@ fn authed(
     stack.request(Some(token), method, url, body)
 }
 
-/// The Matrix round trip through the proxy over TLS, for one proxy.
-fn round_trip_through(proxy: &str) {
+/// A booted stack behind `proxy` with the internal CA and `extra` values,
+/// its server name and Matrix host resolving to it; with those two names.
+fn boot_behind(proxy: &str, extra: &[(&str, &str)]) -> (Stack, String, String) {
     let project = Project::copy_of_repo();
     let server_name = server_names().0;
     let matrix_host = format!("matrix.{server_name}");
-    let mut stack = boot(
-        &project,
-        &[
-            ("server_name", &server_name),
-            ("proxy", proxy),
-            ("tls_mode", "internal"),
-        ],
-    );
+    let mut values = vec![
+        ("server_name", server_name.as_str()),
+        ("proxy", proxy),
+        ("tls_mode", "internal"),
+    ];
+    values.extend_from_slice(extra);
+    let mut stack = boot(&project, &values);
     stack.names = vec![server_name.clone(), matrix_host.clone()];
     stack.write_hosts(&[]);
     start_proxy(&mut stack, &matrix_host);
+    (stack, server_name, matrix_host)
+}
+
+/// The Matrix round trip through the proxy over TLS, for one proxy.
+fn round_trip_through(proxy: &str) {
+    let (stack, server_name, matrix_host) = boot_behind(proxy, &[]);
     let base = format!("https://{matrix_host}");
 
     // Client API through the proxy over TLS, with HSTS.
@@ -370,21 +376,7 @@ fn round_trip_through_nginx() {
 /// Synapse itself (no listener serves them), and the server name delegates
 /// nothing (no /.well-known/matrix/server).
 fn isolated_through(proxy: &str) {
-    let project = Project::copy_of_repo();
-    let server_name = server_names().0;
-    let matrix_host = format!("matrix.{server_name}");
-    let mut stack = boot(
-        &project,
-        &[
-            ("server_name", &server_name),
-            ("proxy", proxy),
-            ("tls_mode", "internal"),
-            ("federation", "false"),
-        ],
-    );
-    stack.names = vec![server_name.clone(), matrix_host.clone()];
-    stack.write_hosts(&[]);
-    start_proxy(&mut stack, &matrix_host);
+    let (stack, server_name, matrix_host) = boot_behind(proxy, &[("federation", "false")]);
     let base = format!("https://{matrix_host}");
     let get = |url: &str| stack.http(&["--cacert", CA], url);
 

@@ -128,6 +128,19 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Asserts success (showing the output otherwise); the standard output.
+pub fn ok(o: Output) -> String {
+    assert_exit(&o, 0);
+    stdout(&o)
+}
+
+/// Asserts a refusal: exit 1, and `why` in the standard error.
+pub fn refused(o: &Output, why: &str) {
+    assert_exit(o, 1);
+    let err = stderr(o);
+    assert!(err.contains(why), "expected {why:?} in:\n{err}");
+}
+
 /// Asserts the exit code, showing the output when it differs.
 pub fn assert_exit(o: &Output, code: i32) {
     assert_eq!(

@@ -452,6 +452,13 @@ impl Stack {
              exec runuser -u postgres -- /usr/lib/postgresql/17/bin/postgres -D {data} -c listen_addresses='*' -c unix_socket_directories=/tmp"
         );
         self.spawn("postgres", &binds, &[], "sh", &["-c", &script]);
+        self.postgres_ready(&q);
+    }
+
+    /// Waits for the quadlet's health check, then writes the superuser's
+    /// pgpass: each command has its own mount namespace, so clients use TCP
+    /// with the superuser password (a test-only file next to the state).
+    fn postgres_ready(&mut self, q: &BTreeMap<String, Vec<String>>) {
         let health = words(&q["HealthCmd"][0]);
         let health: Vec<&str> = health.iter().map(String::as_str).collect();
         self.wait_for(
@@ -460,8 +467,6 @@ impl Stack {
             health[0],
             &health[1..],
         );
-        // Each command has its own mount namespace, so clients use TCP with
-        // the superuser password (a test-only file next to the state).
         let password = self.secret("secrets/postgres-password");
         let pgpass = self.state.join("test-superuser.pgpass");
         fs::write(&pgpass, format!("127.0.0.1:5432:*:postgres:{password}\n")).unwrap();
@@ -502,18 +507,7 @@ impl Stack {
         args.push("postgres".into());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.spawn_in_root(tools, "postgres", &binds, &[], "env", &args);
-        let health = words(&q["HealthCmd"][0]);
-        let health: Vec<&str> = health.iter().map(String::as_str).collect();
-        self.wait_for(
-            "PostgreSQL",
-            Duration::from_secs(60),
-            health[0],
-            &health[1..],
-        );
-        let password = self.secret("secrets/postgres-password");
-        let pgpass = self.state.join("test-superuser.pgpass");
-        fs::write(&pgpass, format!("127.0.0.1:5432:*:postgres:{password}\n")).unwrap();
-        fs::set_permissions(&pgpass, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        self.postgres_ready(&q);
     }
 
     /// Python's arguments and the binds that run Synapse as its image's
