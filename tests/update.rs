@@ -214,7 +214,7 @@ for x in vmlinuz initrd grub.cfg; do echo "version 1 $x" >/r/efi/appliance/appli
 echo "version 1 efi" >/r/efi/EFI/Linux/appliance_1.efi
 d=$(sh /updater definitions --from /from)
 ls "$d"
-rm "$d/10-root.transfer"
+rm "$d/20-root.transfer"
 # With --root, systemd-sysupdate reads --definitions inside that root.
 mkdir -p "/r$d" && cp "$d"/*.transfer "/r$d/"
 export SYSTEMD_RELAX_ESP_CHECKS=1 SYSTEMD_LOG_LEVEL=notice
@@ -240,7 +240,7 @@ for f in EFI/Linux/* appliance/*; do echo "$f: $(cat "$f")"; done
         String::from_utf8_lossy(&o.stderr)
     );
     // All five definitions were written; sysupdate read the other four.
-    for name in ["10-root", "20-vmlinuz", "21-initrd", "22-grub", "30-uki"] {
+    for name in ["10-vmlinuz", "11-initrd", "12-grub", "20-root", "30-uki"] {
         assert!(out.contains(&format!("{name}.transfer")), "{out}");
     }
     assert!(out.contains("check-new: 2\n"), "{out}");

@@ -140,7 +140,7 @@ pub fn build(
                 partition::make(&spec, &tools, scratch.path(), &seed, epoch, version, &uuids)?;
             partition::to_qcow2(&tools, scratch.path())?;
             progress.note("disk: the update files (update/)");
-            update::make(&tools, scratch.path(), version, &uuids.partition, epoch)?;
+            update::make(scratch.path(), version, &uuids.partition, epoch)?;
             if keys.sign.is_some() {
                 signing::sign(&tools, scratch.path(), epoch)?;
             }

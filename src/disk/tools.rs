@@ -30,9 +30,8 @@ const PACKAGES: &[&str] = &[
     "qemu-utils",
     // unpacks embedded images into the disk's image store (containers-storage)
     "skopeo",
-    // the unified kernel image systemd-boot starts, and the compressed update files
+    // the unified kernel image systemd-boot starts
     "systemd-ukify",
-    "xz-utils",
     // signs update/SHA256SUMS (build --sign-key)
     "gpg",
     "gpg-agent",

@@ -9,15 +9,17 @@
 //!
 //! 1. UEFI (OVMF), first boot; a newer version is then served as an
 //!    update (the guest's update_url reaches a loopback HTTP server through
-//!    qemu's guestfwd): a copy with one changed byte is refused, the real one
-//!    is installed into the empty root slot;
+//!    qemu's guestfwd): a copy with one changed byte is refused, so is one
+//!    signed by another key and a download broken off; the real one is
+//!    installed into the empty root slot;
 //! 2. the reboot, with legacy BIOS (SeaBIOS → GRUB), into the update on
 //!    trial, which runs the next PostgreSQL major (18; the first version
 //!    runs 17): it moves the databases at its first boot, must pass its
 //!    health gate and be kept, and then removes 17's cluster; a broken
 //!    version (its Synapse never starts) is applied;
-//! 3. UEFI, from the disk made raw: the broken version fails its 3 tries
-//!    and systemd-boot boots the kept version again;
+//! 3. UEFI, from the disk made raw: the broken version, its unified kernel
+//!    image renamed from the host to one try left (as after two failed
+//!    tries), fails it and systemd-boot boots the kept version again;
 //! 4. BIOS: the broken version back on trial for GRUB with one try left
 //!    fails it, and GRUB boots the kept version again.
 //!
@@ -312,7 +314,7 @@ pub fn run(args: &[String]) -> Result<()> {
     vm.shutdown(qemu)?;
 
     // UEFI, from the disk made raw: the broken version fails its health gate
-    // on each of its tries and systemd-boot boots the kept version again,
+    // on its try and systemd-boot boots the kept version again,
     // which checks itself from the inside (no SSH: a unit passed in as
     // credentials checks, says so on the console and powers the VM off).
     vm.make_disk_raw()?;
@@ -322,7 +324,10 @@ pub fn run(args: &[String]) -> Result<()> {
         stale_image: "",
         ..updated
     };
-    vm.expect_fallback(Firmware::Uefi, &fallback, 3)?;
+    // Its unified kernel image with one try left, as after two failed
+    // tries (each try costs a boot: one shows the counting and the fallback).
+    vm.set_uki_trial(&first_image, BROKEN_VERSION, 1)?;
+    vm.expect_fallback(Firmware::Uefi, &fallback, 1)?;
 
     // The same fallback under legacy BIOS, counted by GRUB: the broken
     // version back on trial with one try left (as after two failed tries),
@@ -474,13 +479,18 @@ impl Vm {
         let esp = "ls /efi/appliance /efi/EFI/Linux";
         let esp_before = self.ssh(esp)?;
         let refused = self.ssh("matrixctl update apply --no-reboot 2>&1; echo \"exit=$?\"")?;
-        // Refused in the download of the root image (its hash), nothing else.
+        // Refused by its SHA256 in the download of the first file (the BIOS
+        // kernel), before the root image is fetched; nothing else changed.
+        let root_fetched = refused
+            .lines()
+            .any(|l| l.contains("Acquiring") && l.contains(".root."));
         ensure!(
             refused.trim_end().ends_with("exit=1")
                 && refused.contains("could not install")
-                && refused.contains(".root.xz")
+                && refused.contains(".vmlinuz")
+                && !root_fetched
                 && self.ssh(slots)? == before,
-            "a tampered update was not refused in its download, or changed the slots: {refused}"
+            "a tampered update was not refused in the download of its kernel, or changed the slots: {refused}"
         );
         ensure!(
             self.ssh(esp)? == esp_before,
@@ -497,10 +507,10 @@ impl Vm {
             "an update signed by another key was not refused, or changed something: {refused}"
         );
         eprintln!("vm-test: an update signed by another key is refused and changes nothing");
-        // The real update, its root image's download broken off half-way:
+        // The real update, its root image's download broken off part-way:
         // the running system stays as it was, and the next try installs it.
         server.serve(update.to_path_buf());
-        server.cut_next(".root.xz");
+        server.cut_next(".root.gz");
         let cut = self.ssh("matrixctl update apply --no-reboot 2>&1; echo \"exit=$?\"")?;
         ensure!(
             cut.trim_end().ends_with("exit=1")
@@ -658,9 +668,9 @@ impl Vm {
         Ok(String::from_utf8_lossy(&text).matches(&line).count())
     }
 
-    /// Writes GRUB's environment block on the (raw) disk's ESP from the host
-    /// (mtools): `version` on trial with `tries` left, the newer one good.
-    fn set_grub_trial(&self, manifest_dir: &Path, version: &str, tries: u32) -> Result<()> {
+    /// The byte offset of the ESP in the (raw) disk image, from the build's
+    /// manifest.
+    fn esp_offset(&self, manifest_dir: &Path) -> Result<u64> {
         ensure!(
             self.disk == Disk::Raw,
             "the disk must be raw to edit its ESP"
@@ -668,11 +678,28 @@ impl Vm {
         let manifest: Value = serde_json::from_slice(&fs::read(
             manifest_dir.join(format!("{PROFILE}.manifest.json")),
         )?)?;
-        let esp = manifest["disk"]["partitions"]
+        manifest["disk"]["partitions"]
             .as_array()
             .and_then(|p| p.iter().find(|p| p["label"] == "esp"))
             .and_then(|p| p["offset"].as_u64())
-            .context("the manifest gives no ESP offset")?;
+            .context("the manifest gives no ESP offset")
+    }
+
+    /// Runs an mtools command on the (raw) disk's ESP from the host; `IMG`
+    /// in `command` is the ESP's mtools image argument.
+    fn on_esp(&self, manifest_dir: &Path, command: &str, what: &str) -> Result<()> {
+        let image = format!(
+            "/work/{}@@{}",
+            Disk::Raw.file(),
+            self.esp_offset(manifest_dir)?
+        );
+        let script = self.in_tools_root(&command.replace("IMG", &image));
+        run_ok(&mut in_private_mounts(&script), what)
+    }
+
+    /// Writes GRUB's environment block on the (raw) disk's ESP from the host
+    /// (mtools): `version` on trial with `tries` left, the newer one good.
+    fn set_grub_trial(&self, manifest_dir: &Path, version: &str, tries: u32) -> Result<()> {
         let mut block = format!(
             "# GRUB Environment Block\nappliance_good={NEWER_VERSION}\nappliance_try={version}\n\
              appliance_tries={tries}\nappliance_bad=\n"
@@ -680,13 +707,25 @@ impl Vm {
         .into_bytes();
         block.resize(1024, b'#');
         fs::write(self.work.join("grubenv"), block)?;
-        let script = self.in_tools_root(&format!(
-            "mcopy -o -i /work/{}@@{esp} /work/grubenv ::grub/grubenv",
-            Disk::Raw.file()
-        ));
-        run_ok(
-            &mut in_private_mounts(&script),
+        self.on_esp(
+            manifest_dir,
+            "mcopy -o -i IMG /work/grubenv ::grub/grubenv",
             "mcopy (GRUB's environment block)",
+        )
+    }
+
+    /// Renames `version`'s unified kernel image on the (raw) disk's ESP from
+    /// the host (mtools), from its fresh `+3-0` to `tries` left and the rest
+    /// done, as systemd-boot leaves it after failed tries.
+    fn set_uki_trial(&self, manifest_dir: &Path, version: &str, tries: u32) -> Result<()> {
+        let stem = format!("::EFI/Linux/appliance_{version}");
+        self.on_esp(
+            manifest_dir,
+            &format!(
+                "mren -i IMG {stem}+3-0.efi {stem}+{tries}-{}.efi",
+                3 - tries
+            ),
+            "mren (systemd-boot's tries in the file name)",
         )
     }
 
@@ -1559,28 +1598,33 @@ fn stop_gpg_agents(tools: &Path, work: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A copy of an update directory with one byte of its root image changed
+/// A copy of an update directory with one byte of its BIOS kernel changed
 /// (SHA256SUMS as it was): what a damaged download or a tampered mirror
-/// serves.
+/// serves. The kernel is the first file fetched, so the refusal comes before
+/// the long download of the root image.
 fn tampered_copy(update: &Path, to: &Path) -> Result<PathBuf> {
     use std::os::unix::fs::FileExt;
     let _ = fs::remove_dir_all(to);
     fs::create_dir_all(to)?;
+    let mut tampered = false;
     for entry in fs::read_dir(update)? {
         let entry = entry?;
         let dest = to.join(entry.file_name());
-        fs::hard_link(entry.path(), &dest).or_else(|_| fs::copy(entry.path(), &dest).map(drop))?;
-        if entry.file_name().to_string_lossy().ends_with(".root.xz") {
+        if entry.file_name().to_string_lossy().ends_with(".vmlinuz") {
             // A copy of its own, not a link to the real one.
-            fs::remove_file(&dest)?;
             fs::copy(entry.path(), &dest)?;
             let file = fs::OpenOptions::new().read(true).write(true).open(&dest)?;
             let mut byte = [0u8; 1];
             let at = file.metadata()?.len() / 2;
             file.read_exact_at(&mut byte, at)?;
             file.write_all_at(&[byte[0] ^ 0x01], at)?;
+            tampered = true;
+        } else {
+            fs::hard_link(entry.path(), &dest)
+                .or_else(|_| fs::copy(entry.path(), &dest).map(drop))?;
         }
     }
+    ensure!(tampered, "no kernel in {} to tamper with", update.display());
     Ok(to.to_path_buf())
 }
 
