@@ -2,11 +2,13 @@
 //! image's base and the tools root. Downloaded .debs are kept in the cache
 //! (`<cache>/debs`, apt checks their hashes) so a rebuild needs no network.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 
 use crate::cache::Cache;
 use crate::chroot;
@@ -23,6 +25,73 @@ pub fn mirror() -> String {
         .ok()
         .filter(|m| !m.is_empty())
         .unwrap_or_else(|| DEFAULT_MIRROR.to_string())
+}
+
+/// A system user (and its group) made before the packages install, so that
+/// its IDs are fixed and no package takes them for its own users.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: String,
+    #[serde(default = "nologin")]
+    pub shell: String,
+}
+
+fn nologin() -> String {
+    "/usr/sbin/nologin".into()
+}
+
+impl User {
+    /// Whether /etc/passwd can hold it: a lower-case name, absolute home and
+    /// shell without `:` or a newline.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let ok = !self.name.is_empty()
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_".contains(&b))
+            && [&self.home, &self.shell]
+                .iter()
+                .all(|p| p.starts_with('/') && !p.contains([':', '\n']));
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "user {:?} needs a lower-case name and absolute home and shell",
+                self.name
+            ))
+        }
+    }
+}
+
+/// The shell of an mmdebstrap `--essential-hook` (the root is `$1`): makes
+/// `users` and writes `preseed` (path under the root → text) after the
+/// Essential set, before the other packages install.
+pub fn essential_hook(users: &[User], preseed: &BTreeMap<String, String>) -> String {
+    let mut s = String::from("set -e\nr=$1\n");
+    for u in users {
+        s += &format!(
+            "grep -q '^{n}:' \"$r/etc/group\" || echo '{n}:x:{g}:' >> \"$r/etc/group\"\n\
+             grep -q '^{n}:' \"$r/etc/passwd\" || echo '{n}:x:{u}:{g}::{h}:{sh}' >> \"$r/etc/passwd\"\n\
+             if [ -e \"$r/etc/shadow\" ]; then grep -q '^{n}:' \"$r/etc/shadow\" || echo '{n}:!*::::::' >> \"$r/etc/shadow\"; fi\n",
+            n = u.name,
+            u = u.uid,
+            g = u.gid,
+            h = u.home,
+            sh = u.shell,
+        );
+    }
+    for (path, text) in preseed {
+        s += &format!(
+            "mkdir -p \"$(dirname \"$r/{p}\")\"\nprintf %s {t} > \"$r/{p}\"\n",
+            p = path,
+            t = chroot::quote(text)
+        );
+    }
+    s
 }
 
 /// One mmdebstrap run into `target` (which must not exist yet).

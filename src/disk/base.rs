@@ -1,5 +1,5 @@
-//! The disk image's base: Debian trixie (Essential set plus the packages of
-//! images/disk.toml) made by mmdebstrap, cached by package set, mirror and
+//! The disk image's base: Debian trixie (Essential set plus the packages and
+//! users of images/disk.toml) made by mmdebstrap, cached by package set, mirror and
 //! epoch, with the list of installed package versions beside it.
 
 use std::collections::BTreeMap;
@@ -30,6 +30,9 @@ pub fn ensure(spec: &DiskSpec, cache: &Cache, epoch: u64, progress: &mut Progres
         .add(SUITE.as_bytes())
         .add(mirror.as_bytes())
         .add(spec.base.packages.join(" ").as_bytes());
+    for u in &spec.base.users {
+        key.add(format!("user {} {} {} {} {}", u.name, u.uid, u.gid, u.home, u.shell).as_bytes());
+    }
     let dir = cache.dir_or_build("disk-base", &key.finish(), |dir: &Path| {
         progress.note(&format!(
             "disk: installing the Debian {SUITE} base ({} packages and the Essential set) with \
@@ -37,13 +40,21 @@ pub fn ensure(spec: &DiskSpec, cache: &Cache, epoch: u64, progress: &mut Progres
             spec.base.packages.len()
         ));
         let root = dir.join("root");
+        let hook = dir.join("essential-hook.sh");
+        fs::write(
+            &hook,
+            debian::essential_hook(&spec.base.users, &Default::default()),
+        )?;
         debian::mmdebstrap(
             &debian::Bootstrap {
                 what: "the disk image's base",
                 suite: SUITE,
                 variant: "essential",
                 packages: &spec.base.packages,
-                hooks: Vec::new(),
+                hooks: vec![format!(
+                    "--essential-hook=sh {} \"$1\"",
+                    crate::chroot::quote(hook.to_str().unwrap_or_default())
+                )],
                 target: &root,
                 work: dir,
                 epoch,

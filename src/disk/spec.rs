@@ -1,4 +1,4 @@
-//! `images/disk.toml`: the base's packages, the units it enables, the
+//! `images/disk.toml`: the base's packages and users, the units it enables, the
 //! kernel command line and the partition sizes.
 
 use std::fs;
@@ -6,6 +6,7 @@ use std::fs;
 use anyhow::{anyhow, Context, Result};
 use serde::Deserialize;
 
+use crate::debian::User;
 use crate::project::Project;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -28,6 +29,10 @@ pub struct DiskSpec {
 pub struct BaseSpec {
     /// Debian packages on top of the Essential set.
     pub packages: Vec<String>,
+    /// Users made before the packages install, so that their IDs are fixed
+    /// (the containers' IDs, which no host user or group may then take).
+    #[serde(default)]
+    pub users: Vec<User>,
     /// Units `systemctl enable`d in the image.
     #[serde(default)]
     pub enable: Vec<String>,
@@ -66,6 +71,10 @@ pub fn load(project: &Project) -> Result<DiskSpec> {
         ("var", &spec.partitions.var),
     ] {
         bytes(name, size).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    }
+    for u in &spec.base.users {
+        u.check()
+            .map_err(|why| anyhow!("{}: [base] users: {why}", path.display()))?;
     }
     // The firmware's FAT driver needs a real FAT32 (65525 clusters or more
     // at mkfs.fat's 4 KiB clusters).

@@ -212,7 +212,10 @@ fn run_config(recipe: &Recipe) -> Json {
 /// mmdebstrap into `dir/root`, with the recipe's users and preseeded files.
 fn debootstrap(recipe: &Recipe, epoch: u64, cache: &Cache, dir: &Path) -> Result<()> {
     let hook = dir.join("essential-hook.sh");
-    fs::write(&hook, essential_hook(recipe))?;
+    fs::write(
+        &hook,
+        debian::essential_hook(&recipe.def.base.users, &recipe.def.base.preseed),
+    )?;
     let what = format!("the base of the local image {}", recipe.name);
     debian::mmdebstrap(
         &debian::Bootstrap {
@@ -230,31 +233,6 @@ fn debootstrap(recipe: &Recipe, epoch: u64, cache: &Cache, dir: &Path) -> Result
         },
         cache,
     )
-}
-
-/// Users (fixed IDs) and preseeded files, before the packages install.
-fn essential_hook(recipe: &Recipe) -> String {
-    let mut s = String::from("set -e\nr=$1\n");
-    for u in &recipe.def.base.users {
-        s += &format!(
-            "grep -q '^{n}:' \"$r/etc/group\" || echo '{n}:x:{g}:' >> \"$r/etc/group\"\n\
-             grep -q '^{n}:' \"$r/etc/passwd\" || echo '{n}:x:{u}:{g}::{h}:{sh}' >> \"$r/etc/passwd\"\n\
-             if [ -e \"$r/etc/shadow\" ]; then grep -q '^{n}:' \"$r/etc/shadow\" || echo '{n}:!*::::::' >> \"$r/etc/shadow\"; fi\n",
-            n = u.name,
-            u = u.uid,
-            g = u.gid,
-            h = u.home,
-            sh = u.shell,
-        );
-    }
-    for (path, text) in &recipe.def.base.preseed {
-        s += &format!(
-            "mkdir -p \"$(dirname \"$r/{p}\")\"\nprintf %s {t} > \"$r/{p}\"\n",
-            p = path,
-            t = chroot::quote(text)
-        );
-    }
-    s
 }
 
 fn globs(patterns: impl IntoIterator<Item = impl AsRef<str>>) -> Result<GlobSet> {

@@ -12,7 +12,7 @@ use crate::layer::{FileAttrs, SourceNode};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-pub use crate::debian::SUITE;
+pub use crate::debian::{User, SUITE};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -52,21 +52,6 @@ pub struct Base {
     /// Globs removed after installation (generated keys, caches).
     #[serde(default)]
     pub remove: Vec<String>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct User {
-    pub name: String,
-    pub uid: u32,
-    pub gid: u32,
-    pub home: String,
-    #[serde(default = "nologin")]
-    pub shell: String,
-}
-
-fn nologin() -> String {
-    "/usr/sbin/nologin".into()
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -133,16 +118,8 @@ impl Recipe {
             }
         }
         for u in &def.base.users {
-            let ok = !u.name.is_empty()
-                && u.name
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_".contains(&b))
-                && [&u.home, &u.shell]
-                    .iter()
-                    .all(|p| p.starts_with('/') && !p.contains([':', '\n']));
-            if !ok {
-                bail!("{shown}: [base] users: {:?} needs a lower-case name and absolute home and shell", u.name);
-            }
+            u.check()
+                .map_err(|why| anyhow!("{shown}: [base] users: {why}"))?;
         }
         for p in def.base.preseed.keys().chain(&def.base.remove) {
             crate::tree::check_relative_path(p.as_bytes())
