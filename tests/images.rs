@@ -635,3 +635,56 @@ sh {check} localhost/matrix-appliance/absent:embedded "$want" 2>&1 || echo "exit
         "{out}"
     );
 }
+
+/// An image the build does not embed is pulled at boot; when that fails (here
+/// for real: Podman in the tools root with no network), `pull_problem` (the
+/// shell library's, which the readiness report and `matrixctl status` use)
+/// names the image, its registry, Podman's own error and what to do. The
+/// unit's journal is what Podman printed: journalctl's stand-in (a shell
+/// function) prints that file.
+#[test]
+fn a_failed_pull_is_named_with_its_image_registry_error_and_what_to_do() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let layer: toml::Value = toml::from_str(
+        &fs::read_to_string(repo.join("layers/bridge-whatsapp/layer.toml")).unwrap(),
+    )
+    .unwrap();
+    let image = layer["images"]["whatsapp"]["upstream"].as_str().unwrap();
+    let registry = image.split('/').next().unwrap();
+    const SCRIPT: &str = r#"set -u
+mount -t tmpfs tmpfs /run
+mount -t sysfs sysfs /sys
+mkdir -p /tmp/pull
+if podman --root /tmp/pull/root --runroot /tmp/pull/run --storage-driver vfs \
+	--cgroup-manager cgroupfs pull "$1" >/tmp/pull/log 2>&1; then
+	echo "pulled with no network"
+	exit 1
+fi
+journalctl() { cat /tmp/pull/log; }
+. /usr/lib/matrix-appliance/system.sh
+pull_problem matrix-bridge-whatsapp.service
+"#;
+    let lib = repo.join("layers/shell-lib/root/usr/lib/matrix-appliance");
+    let sandbox = Sandbox {
+        binds: vec![(lib, "/usr/lib/matrix-appliance".to_string())],
+        offline: true,
+        ..Sandbox::default()
+    };
+    let o = ToolsRoot::get()
+        .command_in(&sandbox, "sh", &["-c", SCRIPT, "sh", image])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}\n{}", stderr(&o));
+    // Podman names a reference with a digest by repository and digest.
+    let repository = image.split('@').next().unwrap().rsplit_once(':').unwrap().0;
+    for part in [
+        format!("cannot pull {repository}"),
+        format!("from {registry}: pinging container registry {registry}"),
+        "network is unreachable".to_string(),
+        format!("needs a route to {registry}"),
+        "embedded".to_string(),
+    ] {
+        assert!(out.contains(&part), "missing {part:?} in: {out}");
+    }
+}

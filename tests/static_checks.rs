@@ -1261,7 +1261,34 @@ impl<'de> serde::de::Visitor<'de> for NoDuplicateKeys {
     }
 }
 
-/// A file that starts with a POSIX shell or bash shebang.
+/// Shell functions (`name() {` at the start of a line) that more than one of
+/// `scripts` defines, with the files. A program's subcommand handlers
+/// (`cmd_*`) are its own and may share names with another program's.
+fn functions_defined_twice(tree: &Path, scripts: &[PathBuf]) -> Vec<(String, Vec<String>)> {
+    let mut defined: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for script in scripts {
+        let text = fs::read_to_string(tree.join(script)).unwrap_or_default();
+        let names: BTreeSet<&str> = text
+            .lines()
+            .filter_map(|l| l.split_once("() {").map(|(name, _)| name))
+            .filter(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|n| !n.starts_with("cmd_"))
+            .collect();
+        for name in names {
+            defined
+                .entry(name.to_string())
+                .or_default()
+                .push(script.display().to_string());
+        }
+    }
+    defined
+        .into_iter()
+        .filter(|(_, files)| files.len() > 1)
+        .collect()
+}
+
+/// A file that starts with a POSIX shell or bash shebang, or a sourced library
+/// that names its shell for shellcheck.
 fn is_shell_script(path: &Path) -> bool {
     let mut head = [0u8; 32];
     let n = fs::File::open(path)
@@ -1273,6 +1300,8 @@ fn is_shell_script(path: &Path) -> bool {
         "#!/bin/bash",
         "#!/usr/bin/env sh",
         "#!/usr/bin/env bash",
+        // a library the scripts source (shell-lib)
+        "# shellcheck shell=sh",
     ]
     .iter()
     .any(|s| head.starts_with(s))
@@ -1282,6 +1311,7 @@ fn is_shell_script(path: &Path) -> bool {
 /// non-default values, for each proxy), the local images' entrypoints, CI's
 /// script and the VM test's in-guest check pass shellcheck, info level
 /// included: a `# shellcheck` directive with its reason is the only way out.
+/// No shell function of the appliance is defined in two files.
 #[test]
 fn every_shell_script_passes_shellcheck() {
     let tools = ToolsRoot::get();
@@ -1294,12 +1324,15 @@ fn every_shell_script_passes_shellcheck() {
     }
     let repo = project();
     let mut checked = 0;
+    let mut twice = Vec::new();
     let mut check = |label: &str, root: &Path, files: Vec<PathBuf>| {
         if files.is_empty() {
             return;
         }
         checked += files.len();
-        let mut args: Vec<String> = vec!["--norc".into()];
+        // -x with the tree as source path: a script is checked together
+        // with the shell-lib files it sources.
+        let mut args: Vec<String> = vec!["--norc".into(), "-x".into(), "--source-path=/src".into()];
         args.extend(files.iter().map(|f| format!("/src/{}", f.display())));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = tools
@@ -1320,6 +1353,12 @@ fn every_shell_script_passes_shellcheck() {
             scripts.iter().any(|p| p.ends_with("usr/bin/matrixctl")),
             "{label}: no matrixctl among the shell scripts found: {scripts:?}"
         );
+        for (name, files) in functions_defined_twice(tree, &scripts) {
+            twice.push(format!(
+                "{label}: the shell function {name}() is defined in {}: define it once, in shell-lib",
+                files.join(" and ")
+            ));
+        }
         check(label, tree, scripts);
     }
     let mut own: Vec<PathBuf> = walk(&repo.join("images"))
@@ -1332,5 +1371,91 @@ fn every_shell_script_passes_shellcheck() {
     own.push(PathBuf::from("xtask/src/vm-journal.sh"));
     check("the repository's own scripts", &repo, own);
     assert!(checked > 10, "only {checked} shell scripts found");
+    for failure in twice {
+        failures.add(failure);
+    }
     failures.assert_none("shellcheck");
+}
+
+/// The native units the project ships that stay above 2.0 in
+/// `systemd-analyze security`, each with why: their jobs need root's reach
+/// (Podman, the disk, the network, the stack's units).
+const EXPOSED_UNITS: &[(&str, &str)] = &[
+    ("appliance-gpt-relocate.service", "rewrites the disk's partition table (sfdisk on the whole disk)"),
+    ("matrix-appliance-health.service", "the health gate: matrixctl status (podman exec into the containers), boot counting on the ESP, a reboot into the previous version"),
+    ("matrix-appliance-ready.service", "matrixctl status: systemctl and podman exec into the containers"),
+    ("matrix-appliance-update.service", "systemd-sysupdate writes partitions and the ESP; the stack is stopped for the dump; a reboot"),
+    ("matrix-backup.service", "pg_dump through podman exec, the stack's units, restic over the network to the remote repository"),
+    ("matrix-backup-check.service", "restic check of the remote repository over the network"),
+    ("matrix-firstboot-admin-user.service", "registers the admin through Synapse's API inside its container (podman exec)"),
+    ("matrix-firstboot-databases.service", "roles and databases through psql inside PostgreSQL's container (podman exec)"),
+    ("matrix-firstboot-signing-key.service", "Synapse's key generator inside its image (podman)"),
+    ("matrix-postgres-upgrade.service", "runs PostgreSQL's containers (podman) to move the databases to another major"),
+    ("matrix-proxy-certs.service", "the proxy's certificates: lego through podman (nginx), the proxy reloaded or restarted (systemctl), ACME over the network"),
+    ("matrix-proxy-certs-renew.service", "as matrix-proxy-certs.service"),
+    ("matrix-update-restore.service", "restores the pre-update dump into PostgreSQL's container (podman), stopping and starting the stack"),
+];
+
+/// Every native unit the project ships (not the quadlets' generated ones)
+/// scores at most 2.0 in `systemd-analyze security --offline`, in every
+/// rendered variant, unless [`EXPOSED_UNITS`] says why not; and no unit is
+/// listed there that no longer needs to be.
+#[test]
+fn native_units_are_sandboxed_to_2_0_or_say_why() {
+    let tools = ToolsRoot::get();
+    let catalog = Catalog::load();
+    let mut failures = Failures::default();
+    let mut scores: BTreeMap<String, String> = BTreeMap::new();
+    for variant in catalog.all_variants() {
+        let r = render(&variant);
+        let units_dir = r.tree.join("usr/lib/systemd/system");
+        let units: Vec<String> = fs::read_dir(&units_dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_type().unwrap().is_file())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".service"))
+            .collect();
+        assert!(units.len() > 5, "{}: only {units:?}", r.label);
+        let mut args = vec!["security", "--offline=yes", "--root=/src", "--no-pager"];
+        args.extend(units.iter().map(String::as_str));
+        let out = tools
+            .command(&[(&r.tree, "/src")], "systemd-analyze", &args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        for unit in &units {
+            let prefix = format!("Overall exposure level for {unit}: ");
+            let Some(score) = text
+                .lines()
+                .find_map(|l| l.split_once(&prefix).map(|(_, rest)| rest.to_string()))
+            else {
+                failures.add(format!(
+                    "{}: no score for {unit}:\n{}",
+                    r.label,
+                    output_text(&out)
+                ));
+                continue;
+            };
+            let value: f64 = score.split_whitespace().next().unwrap().parse().unwrap();
+            let exposed = EXPOSED_UNITS.iter().any(|(u, _)| u == unit);
+            if value > 2.0 && !exposed {
+                failures.add(format!(
+                    "{}: {unit} scores {score} (above 2.0): sandbox it, or add it to EXPOSED_UNITS with why",
+                    r.label
+                ));
+            }
+            if value <= 2.0 && exposed {
+                failures.add(format!(
+                    "{}: {unit} scores {score}: take it off EXPOSED_UNITS",
+                    r.label
+                ));
+            }
+            scores.insert(unit.clone(), score);
+        }
+    }
+    for (unit, score) in &scores {
+        eprintln!("systemd-analyze security: {unit:<40} {score}");
+    }
+    failures.assert_none("systemd-analyze security");
 }

@@ -5,7 +5,6 @@
 mod common;
 
 use std::fs;
-use std::process::Command;
 
 use common::{assert_exit, stderr, Project};
 
@@ -114,28 +113,65 @@ fn signing_keys_need_a_disk_image_and_a_readable_file() {
     );
 }
 
-/// `appliance-update` as the disk image has it, rendered.
-fn updater(p: &Project) -> std::path::PathBuf {
+/// `appliance-update` as the disk image has it, rendered, and the shell
+/// library it sources: bound as `/updater` and `/usr/lib/matrix-appliance`
+/// into the tools root.
+struct Updater {
+    script: std::path::PathBuf,
+    lib: std::path::PathBuf,
+}
+
+impl Updater {
+    fn binds<'a>(
+        &'a self,
+        more: &[(&'a std::path::Path, &'a str)],
+    ) -> Vec<(&'a std::path::Path, &'a str)> {
+        let mut binds = vec![
+            (self.script.as_path(), "/updater"),
+            (self.lib.as_path(), "/usr/lib/matrix-appliance"),
+        ];
+        binds.extend_from_slice(more);
+        binds
+    }
+}
+
+fn updater(p: &Project) -> Updater {
     let o = p.builder(&["render", "--profile", "vps", "--out", "tree"]);
     assert_exit(&o, 0);
-    p.root()
-        .join("tree/usr/libexec/matrix-appliance/appliance-update")
+    let tree = p.root().join("tree");
+    Updater {
+        script: tree.join("usr/libexec/matrix-appliance/appliance-update"),
+        lib: tree.join("usr/lib/matrix-appliance"),
+    }
 }
 
 #[test]
 fn a_damaged_or_incomplete_from_directory_is_refused_before_anything_runs() {
+    let tools = common::tools::ToolsRoot::get();
     let p = Project::copy_of_repo();
-    let script = updater(&p);
-    let run = |args: &[&str]| Command::new("sh").arg(&script).args(args).output().unwrap();
+    let updater = updater(&p);
     let dir = p.root().join("from");
     fs::create_dir_all(&dir).unwrap();
+    // An image built without keys trusts none (the builder removes Debian's
+    // keyring, which the tools root has): SHA256SUMS alone is checked.
+    let no_keys = p.root().join("no-keys");
+    fs::write(&no_keys, "").unwrap();
+    let binds = updater.binds(&[
+        (&dir, "/from"),
+        (&no_keys, "/usr/lib/systemd/import-pubring.gpg"),
+    ]);
+    let run = |args: &[&str]| {
+        let mut all = vec!["/updater"];
+        all.extend_from_slice(args);
+        tools.command(&binds, "sh", &all).output().unwrap()
+    };
 
     let o = run(&["check", "--from", "/nonexistent-update-dir"]);
     assert_exit(&o, 1);
     assert!(stderr(&o).contains("no such directory"), "{}", stderr(&o));
 
     fs::write(dir.join("appliance_2.vmlinuz"), "kernel").unwrap();
-    let o = run(&["check", "--from", dir.to_str().unwrap()]);
+    let o = run(&["check", "--from", "/from"]);
     assert_exit(&o, 1);
     assert!(stderr(&o).contains("no SHA256SUMS there"), "{}", stderr(&o));
 
@@ -145,7 +181,7 @@ fn a_damaged_or_incomplete_from_directory_is_refused_before_anything_runs() {
         format!("{}  appliance_2.vmlinuz\n", "0".repeat(64)),
     )
     .unwrap();
-    let o = run(&["apply", "--from", dir.to_str().unwrap(), "--no-reboot"]);
+    let o = run(&["apply", "--from", "/from", "--no-reboot"]);
     assert_exit(&o, 1);
     assert!(
         stderr(&o)
@@ -165,7 +201,7 @@ fn a_damaged_or_incomplete_from_directory_is_refused_before_anything_runs() {
     )
     .unwrap();
     fs::write(dir.join("appliance_2.initrd"), "initrd").unwrap();
-    let o = run(&["check", "--from", dir.to_str().unwrap()]);
+    let o = run(&["check", "--from", "/from"]);
     assert_exit(&o, 1);
     assert!(
         stderr(&o).contains("appliance_2.initrd is not listed in SHA256SUMS"),
@@ -195,7 +231,7 @@ fn a_damaged_or_incomplete_from_directory_is_refused_before_anything_runs() {
 fn systemd_sysupdate_reads_the_transfer_definitions_and_installs_the_boot_files() {
     let tools = common::tools::ToolsRoot::get();
     let p = Project::copy_of_repo();
-    let script = updater(&p);
+    let updater = updater(&p);
     let from = p.root().join("from");
     fs::create_dir_all(&from).unwrap();
     for ext in ["efi", "vmlinuz", "initrd", "grub.cfg"] {
@@ -226,11 +262,7 @@ cd /r/efi
 for f in EFI/Linux/* appliance/*; do echo "$f: $(cat "$f")"; done
 "#;
     let o = tools
-        .command(
-            &[(&script, "/updater"), (&from, "/from")],
-            "sh",
-            &["-c", SCRIPT],
-        )
+        .command(&updater.binds(&[(&from, "/from")]), "sh", &["-c", SCRIPT])
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
@@ -264,7 +296,7 @@ for f in EFI/Linux/* appliance/*; do echo "$f: $(cat "$f")"; done
 fn rollback_boots_the_other_version_for_both_boot_loaders() {
     let tools = common::tools::ToolsRoot::get();
     let p = Project::copy_of_repo();
-    let script = updater(&p);
+    let updater = updater(&p);
     const SCRIPT: &str = r#"set -eu
 mkdir -p /efi
 mount -t tmpfs tmpfs /efi
@@ -297,7 +329,7 @@ rm /efi/appliance/appliance_2.*
 MATRIX_IMAGE_VERSION=1 sh /updater rollback --no-reboot 2>&1 || echo "exit=$?"
 "#;
     let o = tools
-        .command(&[(&script, "/updater")], "sh", &["-c", SCRIPT])
+        .command(&updater.binds(&[]), "sh", &["-c", SCRIPT])
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
