@@ -184,8 +184,12 @@ impl Stack {
             s += &format!("mount -o remount,bind,ro {r}\n");
         }
         let group = c.user.split(':').nth(1).unwrap();
+        // Not exec'd: this shell stays the PID namespace's first process, as
+        // root, so that it dies with unshare (--kill-child) and takes the
+        // container's processes with it. (The program, once it changed its
+        // user, no longer gets that signal: it would outlive the test.)
         s += &format!(
-            "exec chroot --userspec={} --groups={group} {r} /usr/bin/env -i",
+            "chroot --userspec={} --groups={group} {r} /usr/bin/env -i",
             c.user
         );
         for e in &c.env {
