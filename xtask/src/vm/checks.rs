@@ -3,6 +3,11 @@
 
 use super::*;
 
+/// A room ID as a URL path segment (`!` and `:` escaped).
+pub(super) fn room_path(room_id: &str) -> String {
+    room_id.replace('!', "%21").replace(':', "%3A")
+}
+
 /// What identifies the machine and must survive reboots and upgrades: its
 /// ID, SSH host key, and the hashes of every secret and bridge registration.
 pub(super) const IDENTITY: &str = "cat /etc/machine-id; \
@@ -464,7 +469,7 @@ impl Vm {
                     MATRIX_HOST,
                     &format!(
                         "/_matrix/client/v3/rooms/{}/send/m.room.message/vm-test-1",
-                        room_id.replace('!', "%21").replace(':', "%3A")
+                        room_path(&room_id)
                     ),
                     Some(&token),
                     Some(json!({"msgtype": "m.text", "body": text})),
@@ -478,7 +483,7 @@ impl Vm {
             MATRIX_HOST,
             &format!(
                 "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=20",
-                room_id.replace('!', "%21").replace(':', "%3A")
+                room_path(&room_id)
             ),
             Some(&token),
             None,
@@ -527,11 +532,11 @@ impl Vm {
             Some(&token),
             Some(json!({"invite": [bot], "is_direct": true, "preset": "private_chat"})),
         )?;
-        let room = created["room_id"]
-            .as_str()
-            .with_context(|| format!("createRoom: {created}"))?
-            .replace('!', "%21")
-            .replace(':', "%3A");
+        let room = room_path(
+            created["room_id"]
+                .as_str()
+                .with_context(|| format!("createRoom: {created}"))?,
+        );
         let started = Instant::now();
         let mut sent = false;
         loop {
