@@ -45,6 +45,10 @@ pub fn command(
         }
         script += &format!("mount --bind {} {t}\n", text(b.host)?);
     }
+    // What the command makes (a venv, an image store) gets a root shell's
+    // usual modes whatever the builder's umask: an image built with umask
+    // 077 would otherwise hide its venv from the service's user, and differ.
+    script += "umask 022\n";
     script += &format!("exec chroot {r} env -i");
     for (k, v) in env {
         script += &format!(" {}", quote(&format!("{k}={v}")));

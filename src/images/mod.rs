@@ -8,6 +8,11 @@
 //!   in `images/local/<name>/`, then embedded.
 //! - `archive:PATH`: an OCI archive or layout the user supplies, checked and
 //!   embedded.
+//! - `auto` (the default): `local` where a recipe exists, else `upstream`.
+//!   Embedding is the default because it is the proven path: a first boot
+//!   that pulls depends on the registry's uptime and its rate limits (shared
+//!   VPS addresses hit Docker Hub's). `pull_images = true` makes `auto` pull
+//!   everything; `offline = true` refuses every pull.
 //!
 //! Embedded images travel in the bundle's `images` layer (an OCI layout plus
 //! a quadlet `.image` unit each) and are loaded without network; quadlets
@@ -37,6 +42,8 @@ use crate::values::{Kind, ValueSpec, Values};
 
 /// The site value that asks for every image to be embedded.
 pub const OFFLINE: &str = "offline";
+/// The site value that asks for every `auto` image to be pulled.
+pub const PULL_IMAGES: &str = "pull_images";
 /// The name of the generated layer that carries embedded images.
 pub const LAYER: &str = "images";
 /// Where the embedded images' OCI layout lies in the appliance.
@@ -55,7 +62,7 @@ pub fn source_value(image: &str) -> String {
 }
 
 /// The site values every image brings: its reference, its source, and the
-/// shared `offline` switch.
+/// shared `offline` and `pull_images` switches.
 pub fn implicit_specs(image: &str, decl: &ImageDecl) -> Vec<(String, ValueSpec)> {
     let spec = |kind, default: toml::Value, pattern: Option<&str>, description: String| ValueSpec {
         kind,
@@ -77,7 +84,19 @@ pub fn implicit_specs(image: &str, decl: &ImageDecl) -> Vec<(String, ValueSpec)>
                 toml::Value::Boolean(false),
                 None,
                 "Embed every container image in the artifact, so that nothing is pulled at boot \
-                 (images built locally or taken from archives)"
+                 (images built locally or taken from archives); an image with neither is an error"
+                    .into(),
+            ),
+        ),
+        (
+            PULL_IMAGES.to_string(),
+            spec(
+                Kind::Bool,
+                toml::Value::Boolean(false),
+                None,
+                "Pull every image whose source is auto from its public registry at first boot \
+                 instead of building and embedding it (a smaller artifact, but the first boot \
+                 needs the registries)"
                     .into(),
             ),
         ),
@@ -102,7 +121,7 @@ pub fn implicit_specs(image: &str, decl: &ImageDecl) -> Vec<(String, ValueSpec)>
                 format!(
                     "Where the {image} image comes from: upstream (pulled at first boot), local \
                      (built from Debian/PyPI), archive:PATH (an OCI archive or layout), or auto \
-                     (upstream, or embedded when offline)"
+                     (local where there is a recipe, else upstream; pull_images = true pulls)"
                 ),
             ),
         ),
@@ -232,7 +251,15 @@ pub fn obtain<'a>(
     let mut out = Vec::new();
     for image in planned {
         let stored = match &image.source {
-            Source::Upstream => continue,
+            Source::Upstream => {
+                progress.note(&format!(
+                    "image {:<10} upstream, pulled at first boot (the machine needs {} then): {}",
+                    image.name,
+                    registry(&image.upstream),
+                    image.upstream
+                ));
+                continue;
+            }
             Source::Local(dir) => {
                 let recipe = recipe::Recipe::load(&image.name, dir)?;
                 local::build(&recipe, cache, epoch, progress)
@@ -294,6 +321,13 @@ pub fn plan_images(
     values: &Values,
 ) -> Result<Vec<PlannedImage>> {
     let offline = values.get(OFFLINE) == Some(&Json::Bool(true));
+    let pull = values.get(PULL_IMAGES) == Some(&Json::Bool(true));
+    if offline && pull && !needed.is_empty() {
+        return Err(usage(format!(
+            "{OFFLINE} = true refuses every pull and {PULL_IMAGES} = true asks to pull every \
+             image: set one of them, not both"
+        )));
+    }
     let mut planned = Vec::new();
     let mut problems = Vec::new();
     for (name, (decl, users)) in needed {
@@ -318,8 +352,9 @@ pub fn plan_images(
                 recipe.join("recipe.toml").display(),
                 source_value(name)
             )),
-            "auto" if !offline => Ok(Source::Upstream),
+            "auto" if pull => Ok(Source::Upstream),
             "auto" if has_recipe => Ok(Source::Local(recipe)),
+            "auto" if !offline => Ok(Source::Upstream),
             "auto" => Err(format!(
                 "image {name} ({used_by}) must be embedded because offline = true, and it has no \
                  local recipe. Provide it one of two ways: (1) an OCI archive made where the \
@@ -362,6 +397,15 @@ pub fn plan_images(
         Ok(planned)
     } else {
         Err(usage(problems.join("\n")))
+    }
+}
+
+/// The registry host of a reference (`docker.io` when it names none, as
+/// Podman's short names would resolve to it with the appliance's settings).
+pub fn registry(reference: &str) -> &str {
+    match reference.split_once('/') {
+        Some((first, _)) if first.contains(['.', ':']) || first == "localhost" => first,
+        _ => "docker.io",
     }
 }
 
@@ -435,6 +479,17 @@ pub fn collect_decls(layers: &[Layer]) -> Result<BTreeMap<String, (String, Image
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn registries_are_named_as_podman_resolves_them() {
+        assert_eq!(
+            registry("dock.mau.dev/mautrix/signal:v1@sha256:00"),
+            "dock.mau.dev"
+        );
+        assert_eq!(registry("docker.io/library/nginx:1"), "docker.io");
+        assert_eq!(registry("localhost:5000/a@sha256:00"), "localhost:5000");
+        assert_eq!(registry("library/nginx"), "docker.io");
+    }
 
     #[test]
     fn tags_are_stripped_before_digests_only() {

@@ -192,8 +192,10 @@ impl Recipe {
     }
 
     /// What decides the application layer and the config, given the base.
+    /// (v3: venvs made before chroot commands ran with umask 022 could carry
+    /// the builder's umask; such cached layers are not reused.)
     pub fn app_key(&self, base: &Digest, epoch: u64) -> Digest {
-        let mut key = Key::new("builder local app v2", epoch);
+        let mut key = Key::new("builder local app v3", epoch);
         key.add(base.to_string().as_bytes())
             .add(self.toml_text.as_bytes())
             .add(self.requirements.as_deref().unwrap_or("").as_bytes())

@@ -28,6 +28,15 @@ impl Project {
         Project { dir }
     }
 
+    /// A copy whose builder cache is the one the image tests share
+    /// (`target/test-image-cache`, content-addressed like any builder
+    /// cache; the VM test builds into it too): a local image is built once.
+    pub fn with_shared_image_cache() -> Project {
+        let project = Project::copy_of_repo();
+        std::os::unix::fs::symlink(shared_image_cache(), project.cache()).unwrap();
+        project
+    }
+
     /// An empty project (for fixtures), with images/bundle.toml.
     pub fn empty() -> Project {
         let dir = tempfile::tempdir().unwrap();
@@ -66,6 +75,29 @@ impl Project {
         self.command(args).output().unwrap()
     }
 
+    /// `builder ARGS` with the profile's own image sources (see `command`).
+    pub fn builder_with_profile_images(&self, args: &[&str]) -> Output {
+        self.command_with(args, false).output().unwrap()
+    }
+
+    /// `builder ARGS` (as `builder`) run with the given umask.
+    pub fn builder_with_umask(&self, umask: &str, args: &[&str]) -> Output {
+        let inner = self.command(args);
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("umask {umask}; exec \"$0\" \"$@\""))
+            .arg(inner.get_program())
+            .args(inner.get_args())
+            .current_dir(self.root());
+        for (key, value) in inner.get_envs() {
+            match value {
+                Some(value) => cmd.env(key, value),
+                None => cmd.env_remove(key),
+            };
+        }
+        cmd.output().unwrap()
+    }
+
     /// `builder build --profile PROFILE --set NAME=VALUE ...`.
     pub fn build_with(&self, profile: &str, sets: &[&str]) -> Output {
         let mut args = vec!["build", "--profile", profile];
@@ -76,13 +108,38 @@ impl Project {
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
+        self.command_with(args, true)
+    }
+
+    fn command_with(&self, args: &[&str], harness_pull: bool) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_builder"));
         // These tests are about the bundle; the disk image (root, minutes
         // per build) is proven by `cargo xtask vm-test`.
         let bundle_only = args.first() == Some(&"build") && !args.contains(&"--output");
+        // `vps` (the default profile) builds and embeds its images (minutes
+        // each): tests/images.rs and the VM test prove that. Elsewhere vps
+        // keeps them upstream unless the test chooses how its images come.
+        let chooses_images = args.iter().any(|a| {
+            ["offline=", "pull_images=", "_image_source="]
+                .iter()
+                .any(|v| a.contains(v))
+        });
+        let profile = args
+            .windows(2)
+            .find(|w| w[0] == "--profile")
+            .map_or("vps", |w| w[1]);
+        let pull = harness_pull
+            && matches!(args.first(), Some(&"build" | &"render"))
+            && profile == "vps"
+            && !chooses_images;
         cmd.args(args)
             .args(if bundle_only {
                 &["--output", "bundle"][..]
+            } else {
+                &[]
+            })
+            .args(if pull {
+                &["--set", "pull_images=true"][..]
             } else {
                 &[]
             })
@@ -102,6 +159,13 @@ impl Project {
                 .collect(),
         }
     }
+}
+
+/// `target/test-image-cache` (see `Project::with_shared_image_cache`).
+pub fn shared_image_cache() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-image-cache");
+    fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 pub fn copy_tree(from: &Path, to: &Path) {

@@ -1,10 +1,12 @@
 //! `cargo xtask vm-test`: the disk image really boots and serves Matrix.
 //!
-//! Builds `vps-offline` (every container image embedded, internal CA) with a
-//! fresh SSH key, twice (the second time with the Debian base made anew:
-//! the raw and qcow2 files must be byte-identical), and boots its qcow2 image
-//! (the backing file of a 20 GiB overlay; made raw for the upgrade) under qemu with
-//! no route anywhere (user networking with `restrict=on`; only loopback
+//! Builds the default profile, `vps` (every container image it runs built
+//! here and embedded), with the internal CA (`tls_mode = internal`: no ACME
+//! server is reachable from the guest) and a fresh SSH key, twice (the
+//! second time with the Debian base made anew: the raw and qcow2 files must
+//! be byte-identical), and boots its qcow2 image (the backing file of a
+//! 20 GiB overlay; made raw for the upgrade) under qemu with no route
+//! anywhere (user networking with `restrict=on`; only loopback
 //! ports forwarded to the VM's 22, 443 and a port the firewall must drop):
 //!
 //! 1. UEFI (OVMF), first boot; a newer version is then served as an
@@ -71,7 +73,7 @@ use qemu::*;
 pub(crate) use qemu::{Qemu, Vm};
 use updates::*;
 
-const PROFILE: &str = "vps-offline";
+const PROFILE: &str = "vps";
 const SERVER_NAME: &str = "vm-test.example";
 const MATRIX_HOST: &str = "matrix.vm-test.example";
 pub(crate) const READY: &str = "matrix-appliance: ready";
@@ -155,6 +157,7 @@ pub fn run(args: &[String]) -> Result<()> {
                 .arg("--cache-dir")
                 .arg(repo.join("target/test-image-cache"))
                 .args(["--set", &format!("server_name={SERVER_NAME}")])
+                .args(["--set", "tls_mode=internal"])
                 .args(["--set", &format!("ssh_authorized_keys={}", pubkey.trim())])
                 // The Telegram bridge, its image built locally and embedded.
                 .args(["--set", &format!("update_url=http://{UPDATE_HOST}/")])
