@@ -41,14 +41,17 @@ pub(super) fn build_broken(
     )?;
     let profile = project.join(format!("profiles/{PROFILE}.toml"));
     let text = fs::read_to_string(&profile)?;
-    fs::write(
-        &profile,
+    // Into the profile's own `layers` list, or a new one.
+    let text = if text.starts_with("layers = [") || text.contains("\nlayers = [") {
+        text.replacen("layers = [", "layers = [\"vm-test-broken-synapse\", ", 1)
+    } else {
         text.replacen(
             "outputs =",
             "layers = [\"vm-test-broken-synapse\"]\noutputs =",
             1,
-        ),
-    )?;
+        )
+    };
+    fs::write(&profile, text)?;
     let out = build(
         "out-broken",
         &[
