@@ -57,16 +57,7 @@ fn two_clones_give_the_same_bundle_and_another_epoch_a_different_one() {
     ];
     // Different umasks for the two builds, too.
     let run = |p: &Project, umask: &str| {
-        let o = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!("umask {umask}; exec \"$0\" \"$@\""))
-            .arg(env!("CARGO_BIN_EXE_builder"))
-            .args(args)
-            .current_dir(p.root())
-            .env("SOURCE_DATE_EPOCH", EPOCH)
-            .env("BUILDER_CACHE_DIR", p.cache())
-            .output()
-            .unwrap();
+        let o = p.builder_with_umask(umask, &args);
         assert_exit(&o, 0);
         fs::read(p.out().join("vps.bundle.tar")).unwrap()
     };

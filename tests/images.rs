@@ -38,6 +38,29 @@ fn render_locked(project: &Project, args: &[&str]) -> PathBuf {
     tree
 }
 
+/// A stack of `values` (rendered one build at a time) answering for the
+/// run's server name and its Matrix host, its state made.
+fn image_stack(project: &Project, values: &[(&str, &str)]) -> Stack {
+    let server_name = server_names().0;
+    let mut stack = {
+        let _guard = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
+        Stack::new(project, values)
+    };
+    stack.names = vec![server_name.clone(), format!("matrix.{server_name}")];
+    stack.write_hosts(&[]);
+    stack.tmpfiles();
+    stack
+}
+
+/// The embedded image `name` of the stack's rendered tree, unpacked.
+fn unpack_embedded(stack: &Stack, name: &str) -> common::images::ImageRoot {
+    unpack(
+        &stack.rendered,
+        &format!("localhost/matrix-appliance/{name}:embedded"),
+        &stack.dir.path().join("images").join(name),
+    )
+}
+
 fn skopeo_copy(from: &str, to: &str) {
     let o = Command::new("skopeo")
         .args(["copy", from, to])
@@ -246,26 +269,13 @@ fn locally_built_images_serve_matrix_with_the_rendered_configs() {
         ("tls_mode", "internal"),
         ("proxy", "nginx"),
     ];
-    let mut stack = {
-        let _guard = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
-        Stack::new(&project, &values)
-    };
-    stack.names = vec![server_name.clone(), matrix_host.clone()];
-    stack.write_hosts(&[]);
-    stack.tmpfiles();
+    let mut stack = image_stack(&project, &values);
     fs::write(
         stack.state.join("synapse/conf.d/90-test-rate-limits.yaml"),
         "rc_login:\n  address: {per_second: 100, burst_count: 100}\n  account: {per_second: 100, burst_count: 100}\n",
     )
     .unwrap();
-    let roots = stack.dir.path().join("images");
-    let image = |name: &str| {
-        unpack(
-            &stack.rendered,
-            &format!("localhost/matrix-appliance/{name}:embedded"),
-            &roots.join(name),
-        )
-    };
+    let image = |name: &str| unpack_embedded(&stack, name);
     let (postgres, synapse, nginx) = (image("postgres"), image("synapse"), image("nginx"));
 
     stack.firstboot("secrets");
@@ -416,21 +426,8 @@ fn locally_built_traefik_and_busybox_serve_well_known() {
         ("traefik_image_source", "local"),
         ("busybox_image_source", "local"),
     ];
-    let mut stack = {
-        let _guard = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
-        Stack::new(&project, &values)
-    };
-    stack.names = vec![server_name.clone(), matrix_host.clone()];
-    stack.write_hosts(&[]);
-    stack.tmpfiles();
-    let roots = stack.dir.path().join("images");
-    let image = |name: &str| {
-        unpack(
-            &stack.rendered,
-            &format!("localhost/matrix-appliance/{name}:embedded"),
-            &roots.join(name),
-        )
-    };
+    let mut stack = image_stack(&project, &values);
+    let image = |name: &str| unpack_embedded(&stack, name);
     let (traefik, busybox) = (image("traefik"), image("busybox"));
     stack.start_image_container(
         "matrix-proxy-files",
