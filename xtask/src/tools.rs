@@ -75,8 +75,12 @@ const PACKAGES: &[&str] = &[
     "python3-yaml",
     // BusyBox httpd: the static-file container next to Traefik
     "busybox",
-    // the ACME client the nginx layer runs (its image's program), for ACME tests
-    "lego",
+    // the platform provisioning the disk image runs, with its configuration
+    // (tests/provisioning.rs); dosfstools and mtools make the VM test's NoCloud
+    // seed disk (a FAT file system labelled CIDATA, written without mounting)
+    "cloud-init",
+    "dosfstools",
+    "mtools",
     // programs the disk image's own units run (systemd-analyze verify finds them)
     "openssh-client",
     "fdisk",

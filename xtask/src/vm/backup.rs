@@ -94,6 +94,7 @@ impl Vm {
         let mut qemu = self.boot(Firmware::Uefi)?;
         let ready = self.wait_ready(&mut qemu)?;
         eprintln!("vm-test: a new machine from the same image ready in {ready:.0?}");
+        self.check_no_metadata()?;
         let fresh = self.ssh("cat /var/lib/matrix/secrets/admin-password")?;
         ensure!(
             fresh.trim() != kept.admin_password,

@@ -9,11 +9,14 @@
 //! anywhere (user networking with `restrict=on`; only loopback
 //! ports forwarded to the VM's 22, 443 and a port the firewall must drop):
 //!
-//! 1. UEFI (OVMF), first boot; a newer version is then served as an
-//!    update (the guest's update_url reaches a loopback HTTP server through
-//!    qemu's guestfwd): a copy with one changed byte is refused, so is one
-//!    signed by another key and a download broken off; the real one is
-//!    installed into the empty root slot;
+//! 1. UEFI (OVMF), first boot, provisioned by the platform: a NoCloud seed
+//!    disk (cloud metadata: an SSH key, a host name, static IPv4 + IPv6
+//!    addresses and routes) and a key as a systemd credential; a newer
+//!    version is then served as an update (the guest's update_url reaches a
+//!    loopback HTTP server through qemu's guestfwd, off the metadata's /28:
+//!    through its default route): a copy with one changed byte is refused,
+//!    so is one signed by another key and a download broken off; the real
+//!    one is installed into the empty root slot;
 //! 2. the reboot, with legacy BIOS (SeaBIOS → GRUB), into the update on
 //!    trial, which runs the next PostgreSQL major (18; the first version
 //!    runs 17): it moves the databases at its first boot, must pass its
@@ -23,7 +26,9 @@
 //!    image renamed from the host to one try left (as after two failed
 //!    tries), fails it and systemd-boot boots the kept version again;
 //! 4. BIOS: the broken version back on trial for GRUB with no try left (as
-//!    after its failed tries): GRUB marks it bad and boots the kept version.
+//!    after its failed tries): GRUB marks it bad and boots the kept version;
+//! 5. a new machine (UEFI) from the newer image with no metadata at all
+//!    comes up on DHCP and restores the backup made on the second boot.
 //!
 //! Each boot waits for the appliance's own console line ("matrix-appliance:
 //! ready"). The first two are then checked from outside, over SSH and the
@@ -49,10 +54,12 @@
 //! boots with it, else TCG.
 //!
 //! Here the scenario (`run`) and its constants; `qemu` the VM, `checks` what is
-//! checked in it, `updates` the update's pieces, `backup` backup and restore.
+//! checked in it, `metadata` the platform's metadata, `updates` the update's
+//! pieces, `backup` backup and restore.
 
 mod backup;
 mod checks;
+mod metadata;
 mod qemu;
 mod updates;
 
@@ -69,6 +76,7 @@ use base64::{engine::general_purpose::STANDARD as BASE64, Engine as _};
 use serde_json::{json, Value};
 
 use checks::*;
+use metadata::*;
 use qemu::*;
 pub(crate) use qemu::{Qemu, Vm};
 use updates::*;
@@ -114,32 +122,14 @@ pub fn run(args: &[String]) -> Result<()> {
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work)?;
     let key = work.join("id_ed25519");
-    run_ok(
-        Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "vm-test", "-f"])
-            .arg(&key),
-        "ssh-keygen",
-    )?;
-    let pubkey = fs::read_to_string(key.with_extension("pub"))?;
+    let pubkey = ssh_key(&key, "vm-test")?;
     // A key the image does not carry: the platform passes it at first boot as
     // the systemd credential ssh.authorized_keys.root (as a provider would).
     let platform_key = work.join("id_ed25519_platform");
-    run_ok(
-        Command::new("ssh-keygen")
-            .args([
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                "vm-test-platform",
-                "-f",
-            ])
-            .arg(&platform_key),
-        "ssh-keygen",
-    )?;
-    let platform_pubkey = fs::read_to_string(platform_key.with_extension("pub"))?;
+    let platform_pubkey = ssh_key(&platform_key, "vm-test-platform")?;
+    // Another, in the first boot's cloud metadata (a NoCloud seed disk).
+    let metadata_key = work.join("id_ed25519_metadata");
+    let metadata_pubkey = ssh_key(&metadata_key, "vm-test-metadata")?;
 
     let sign_key = make_keys(&tools.root, &work)?;
     let started = Instant::now();
@@ -253,9 +243,13 @@ pub fn run(args: &[String]) -> Result<()> {
     let rest = backup::RestServer::start(&tools.root, &work)?;
     vm.backup_port = Some(rest.port);
 
-    // First boot (UEFI), with a key from the platform; then the update is applied.
+    // First boot (UEFI), provisioned by the platform as a VPS provider does:
+    // cloud metadata on a seed disk (a key, the host name, a static network)
+    // and a key as a systemd credential; then the update is applied (fetched
+    // through the metadata's default route).
     // The builds' share of the run, for the log's last line.
     let built = started.elapsed();
+    vm.attach_seed(&metadata_pubkey)?;
     let mut qemu = vm.boot_with(
         Firmware::Uefi,
         &[(
@@ -277,6 +271,7 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     vm.check_system()?;
     vm.check_platform_key(&platform_key)?;
+    vm.check_metadata(&metadata_key)?;
     let before = vm.identity()?;
     let before_sha = vm.ssh(&format!("({IDENTITY}) | sha256sum | cut -d' ' -f1"))?;
     let before_sha = before_sha.trim().to_string();
@@ -286,6 +281,8 @@ pub fn run(args: &[String]) -> Result<()> {
     vm.leave_older_synapse_copy()?;
     vm.apply_update(&server, &update, &wrong_key)?;
     vm.shutdown(qemu)?;
+    // The other boots have no metadata: DHCP.
+    vm.seed = false;
 
     // The reboot, with BIOS firmware, into the update on trial: it passes
     // its health gate and is kept; the machine, its data and /var stay. Then
@@ -372,6 +369,17 @@ pub fn run(args: &[String]) -> Result<()> {
         total - built
     );
     Ok(())
+}
+
+/// A new SSH key pair at `path` (no passphrase); its public key.
+fn ssh_key(path: &Path, comment: &str) -> Result<String> {
+    run_ok(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
+            .arg(path),
+        "ssh-keygen",
+    )?;
+    Ok(fs::read_to_string(path.with_extension("pub"))?)
 }
 
 /// Removes the build outputs `{PROFILE}.<ext>` in `out` that the test has

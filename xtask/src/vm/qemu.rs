@@ -24,6 +24,9 @@ pub(crate) struct Vm {
     pub(crate) backup_port: Option<u16>,
     /// qemu's accelerator: "kvm" when a probe boots with it, else "tcg".
     pub(super) accel: &'static str,
+    /// Whether the boots get the NoCloud seed disk ([`Vm::attach_seed`]);
+    /// the forwarded ports then go to its static address.
+    pub(super) seed: bool,
 }
 
 /// ssh as root into the VM (through the forwarded port) running `command`.
@@ -177,6 +180,7 @@ impl Vm {
             update_port: None,
             backup_port: None,
             accel: if kvm_boots(tools) { "kvm" } else { "tcg" },
+            seed: false,
         })
     }
 
@@ -322,12 +326,21 @@ impl Vm {
                 guestfwd += &format!(",guestfwd=tcp:{host}:80-cmd:nc 127.0.0.1 {port}");
             }
         }
+        // The metadata's static address, or the one qemu's DHCP gives.
+        let (seed, guest) = if self.seed {
+            (
+                format!(" -drive if=virtio,file=/work/{SEED},format=raw,readonly=on"),
+                STATIC_V4,
+            )
+        } else {
+            (String::new(), "")
+        };
         let qemu = format!(
             "qemu-system-x86_64 {MACHINE} -accel {accel} \
              -nographic {no_reboot} {firmware_args} \
-             -drive if=virtio,file=/work/{disk},format={format} \
-             -netdev 'user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{}-:22,hostfwd=tcp:127.0.0.1:{}-:443,hostfwd=tcp:127.0.0.1:{}-:{PROBE_PORT}{guestfwd}' \
-             -device virtio-net-pci,netdev=n0,romfile= \
+             -drive if=virtio,file=/work/{disk},format={format}{seed} \
+             -netdev 'user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{}-{guest}:22,hostfwd=tcp:127.0.0.1:{}-{guest}:443,hostfwd=tcp:127.0.0.1:{}-{guest}:{PROBE_PORT}{guestfwd}' \
+             -device virtio-net-pci,netdev=n0,mac={MAC},romfile= \
              -serial file:/work/serial.log -monitor none -display none{smbios}",
             self.ssh_port, self.https_port, self.probe_port
         );
