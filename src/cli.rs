@@ -12,7 +12,7 @@ use crate::plan::SiteInput;
 use crate::progress::Progress;
 use crate::project::Project;
 use crate::tree::Tree;
-use crate::{cache, epoch, inspect, layer, pack, profile, verify};
+use crate::{cache, epoch, inspect, install, layer, pack, profile, verify};
 
 /// Builds reproducible, immutable Matrix homeserver appliance images from
 /// layers, a profile and a few site values.
@@ -129,6 +129,26 @@ enum Command {
         /// Print a versioned JSON report on stdout
         #[arg(long)]
         json: bool,
+    },
+    /// Put a bundle onto this host (systemd and Podman ≥ 4.4: Debian, Fedora, ...)
+    /// and start it; every file is recorded for `builder uninstall`
+    Install {
+        /// The bundle (out/<profile>.bundle.tar; `build --output bundle` makes only it)
+        bundle: PathBuf,
+        /// Put the files under this directory instead of / (nothing is
+        /// started: for a system image or a container's root)
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+        /// Reload systemd but start nothing
+        #[arg(long)]
+        no_start: bool,
+    },
+    /// Stop and remove what `builder install` put onto this host; the
+    /// homeserver's data (/var/lib/matrix) stays
+    Uninstall {
+        /// The directory the install went into
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
     },
     /// Print a shell's completion script for builder (e.g. `builder completions bash
     /// > /etc/bash_completion.d/builder`)
@@ -311,6 +331,22 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             }
         }
+        Command::Install {
+            bundle,
+            root,
+            no_start,
+        } => {
+            let done = install::install(&install::InstallRequest {
+                bundle,
+                root,
+                start: !no_start,
+            })?;
+            print(&install_summary(&done))?;
+        }
+        Command::Uninstall { root } => {
+            let done = install::uninstall(&root)?;
+            print(&uninstall_summary(&done))?;
+        }
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             let mut text = Vec::new();
@@ -350,6 +386,74 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn install_summary(done: &install::Installed) -> String {
+    let root = &done.root;
+    let mut s = format!(
+        "installed {} ({} files and links) under {}{}\n",
+        done.profile,
+        done.files,
+        root.display(),
+        if done.replaced_earlier {
+            ", replacing the earlier install"
+        } else {
+            ""
+        }
+    );
+    if done.removed_stale > 0 {
+        s += &format!(
+            "removed {} files of the earlier install this bundle no longer has\n",
+            done.removed_stale
+        );
+    }
+    s += &format!("record: {}\n", root.join(install::RECORD).display());
+    if !done.live {
+        s += "nothing started: not the running system (boot it, or `systemctl daemon-reload` there)\n";
+    } else if done.started.is_empty() {
+        s += "systemd reloaded; nothing started (--no-start): `systemctl start matrix-appliance.target` starts the stack\n";
+    } else {
+        s += &format!(
+            "starting {} (the first start loads the images and initialises everything: minutes); \
+             follow it with `journalctl -f`{}\n",
+            done.started.join(" "),
+            if done.started.iter().any(|u| u == "matrix-appliance.target") {
+                ", then `matrixctl status`"
+            } else {
+                ""
+            }
+        );
+    }
+    s
+}
+
+fn uninstall_summary(done: &install::Removed) -> String {
+    let root = &done.root;
+    let mut s = String::new();
+    if done.live && !done.stopped.is_empty() {
+        s += &format!("stopped {}\n", done.stopped.join(" "));
+    }
+    s += &format!(
+        "removed {} files and links of {} from {}\n",
+        done.removed,
+        done.profile,
+        root.display()
+    );
+    for path in &done.kept_changed {
+        s += &format!(
+            "kept {path}: changed since the install (remove it yourself if it is not needed)\n"
+        );
+    }
+    for dir in &done.kept_dirs {
+        s += &format!("kept {}: other files are in it\n", root.join(dir).display());
+    }
+    s += &format!(
+        "kept {}: the homeserver's data (database, media, keys, secrets); an install of a \
+         bundle for the same server_name uses it again; delete it yourself to start afresh. \
+         Podman's images and its `matrix` network stay too (podman image prune, podman network rm)\n",
+        root.join("var/lib/matrix").display()
+    );
+    s
 }
 
 fn layers_text(rows: &[serde_json::Value]) -> String {

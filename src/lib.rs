@@ -18,6 +18,7 @@ pub mod error;
 pub(crate) mod image_decl;
 pub(crate) mod images;
 pub(crate) mod inspect;
+pub(crate) mod install;
 pub(crate) mod jsondoc;
 pub(crate) mod kind;
 pub(crate) mod layer;

@@ -736,6 +736,7 @@ sh {check} localhost/matrix-appliance/absent:embedded "$want" 2>&1 || echo "exit
             ("/sys".into(), "/sys".into()),
         ],
         offline: true,
+        ..Sandbox::default()
     };
     let o = tools
         .command_in(&sandbox, "sh", &["-c", &script])

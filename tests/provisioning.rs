@@ -87,6 +87,7 @@ fn a_nocloud_seed_gives_keys_host_name_and_a_static_network_in_run() {
             "/run/matrix-appliance/cloud-init/seed/nocloud".to_string(),
         )],
         offline: true,
+        ..Sandbox::default()
     };
     let o = ToolsRoot::get()
         .command_in(&sandbox, "sh", &["-c", SCRIPT, "sh", MAC])

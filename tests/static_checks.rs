@@ -682,6 +682,7 @@ impl ProxyView {
                 trees: vec![r.tree.clone()],
                 binds,
                 offline: true,
+                ..Sandbox::default()
             },
             scratch,
         };

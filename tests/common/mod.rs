@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod host;
 pub mod images;
 pub mod stack;
 pub mod tools;

@@ -238,7 +238,7 @@ impl Stack {
         Sandbox {
             trees: vec![self.rendered.clone()],
             binds,
-            offline: false,
+            ..Sandbox::default()
         }
     }
 

@@ -35,6 +35,11 @@ pub struct Sandbox {
     /// A network namespace of its own with only loopback: nothing the
     /// command does reaches the host's network (ports, ACME servers).
     pub offline: bool,
+    /// Enter the root with pivot_root rather than chroot, so it is the root
+    /// of the mount namespace: nested container runtimes (nspawn, then
+    /// crun's `exec`) join namespaces by their root, which a chroot leaves
+    /// at the machine's own.
+    pub pivot_root: bool,
 }
 
 impl ToolsRoot {
@@ -146,7 +151,12 @@ impl ToolsRoot {
             script += "chroot \"$m\" ip link set lo up\n";
         }
         script += "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n";
-        script += "exec chroot \"$m\" \"$@\"\n";
+        if sandbox.pivot_root {
+            script += "cd \"$m\"\npivot_root . mnt\n";
+            script += "exec chroot . sh -c 'umount -l /mnt && cd / && exec \"$@\"' sh \"$@\"\n";
+        } else {
+            script += "exec chroot \"$m\" \"$@\"\n";
+        }
 
         let mut cmd = Command::new("unshare");
         cmd.args(["--mount", "--propagation", "private"]);

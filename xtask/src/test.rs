@@ -23,6 +23,7 @@ pub fn run(args: &[String]) -> Result<()> {
         .env("BUILDER_TOOLS_ROOT", &tools.root)
         .env("BUILDER_TOOLS_VENV", &tools.venv)
         .env("BUILDER_POSTGRES_NEXT_ROOT", &tools.postgres_next)
+        .env("BUILDER_HOST_ROOT", &tools.host)
         .env("BUILDER_SYNAPSE_DIR", &synapse)
         .env("BUILDER_TELEGRAM_DIR", &telegram)
         .args(args)

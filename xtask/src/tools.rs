@@ -56,6 +56,28 @@ const POSTGRES_NEXT_ROOT: RootSpec = RootSpec {
     apt_options: &["Acquire::Check-Valid-Until \"false\""],
 };
 
+/// A plain Debian trixie host with systemd and Podman, not the appliance:
+/// `builder install` puts a bundle onto it in a systemd-nspawn container
+/// (tests/install.rs). Only what a host needs for the bundle's units.
+const HOST_ROOT: RootSpec = RootSpec {
+    suite: "trixie",
+    packages: &[
+        "systemd-sysv",
+        "dbus",
+        "podman",
+        "aardvark-dns",
+        "nftables",
+        "curl",
+        "jq",
+        "openssl",
+        "ca-certificates",
+        "iproute2",
+    ],
+    hooks: &[],
+    link: "host",
+    apt_options: &[],
+};
+
 /// Debian trixie packages of the tools root.
 const PACKAGES: &[&str] = &[
     // the container runtime; ships the quadlet generator at /usr/libexec/podman/quadlet
@@ -130,6 +152,8 @@ pub struct Tools {
     pub venv: PathBuf,
     /// The forky root with PostgreSQL 18 (`target/tools/forky-<sha256>`).
     pub postgres_next: PathBuf,
+    /// The plain trixie host for `builder install` (`target/tools/host`).
+    pub host: PathBuf,
 }
 
 pub fn run(args: &[String]) -> Result<()> {
@@ -158,11 +182,13 @@ pub fn ensure() -> Result<Tools> {
     let _lock = Lock::take(&dir.join(".lock"))?;
     let root = ensure_root(&dir, &MAIN_ROOT)?;
     let postgres_next = ensure_root(&dir, &POSTGRES_NEXT_ROOT)?;
+    let host = ensure_root(&dir, &HOST_ROOT)?;
     let venv = ensure_venv(&dir)?;
     Ok(Tools {
         root,
         venv,
         postgres_next,
+        host,
     })
 }
 
