@@ -256,13 +256,37 @@ fn the_bundle_installed_on_a_plain_systemd_host_serves_matrix_and_uninstall_keep
     );
     assert_exit(&o, 0);
     let bundle = p.out().join("vps.bundle.tar");
+    // A bundle with a quadlet this Podman cannot read (as an older Podman
+    // cannot read the newer keys of ours): a key quadlet does not know.
+    let older = Project::copy_of_repo();
+    let quadlet = older
+        .root()
+        .join("layers/postgres/root/usr/share/containers/systemd/matrix-postgres.container.tera");
+    let text = fs::read_to_string(&quadlet).unwrap();
+    fs::write(
+        &quadlet,
+        text.replacen("[Container]\n", "[Container]\nNoSuchQuadletKey=1\n", 1),
+    )
+    .unwrap();
+    let unreadable = minimal_bundle(&older, &[]);
     let host = Host::boot(&[
         (&bundle, "/srv/vps.bundle.tar"),
+        (&unreadable, "/srv/unreadable.bundle.tar"),
         (
             Path::new(env!("CARGO_BIN_EXE_builder")),
             "/usr/local/bin/builder",
         ),
     ]);
+    let o = host.sh("builder install /srv/unreadable.bundle.tar");
+    assert_exit(&o, 1);
+    assert!(
+        stderr(&o).contains(
+            "its quadlet generator made no unit of /usr/share/containers/systemd/matrix-postgres.container"
+        ),
+        "{}",
+        stderr(&o)
+    );
+    host.sh_ok("builder uninstall");
     // A host without Podman (here: not in PATH) is told so, and nothing
     // is written.
     let o = host.sh("env PATH=/nonexistent /usr/local/bin/builder install /srv/vps.bundle.tar");

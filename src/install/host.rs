@@ -116,6 +116,7 @@ fn in_path(program: &str) -> bool {
 /// sysusers.d and tmpfiles.d files declare.
 pub fn reload(rec: &Record) -> Result<()> {
     systemctl(&["daemon-reload"])?;
+    generated(rec)?;
     let declared = |dir: &str| -> Vec<String> {
         rec.entries
             .iter()
@@ -134,6 +135,43 @@ pub fn reload(rec: &Record) -> Result<()> {
         run("systemd-tmpfiles", &args)?;
     }
     Ok(())
+}
+
+/// Every quadlet of the bundle became a unit: an older Podman's quadlet
+/// generator skips a file with a key it does not know (the bundle's use
+/// `.image` units, `Notify=healthy` and others newer than quadlets
+/// themselves), and the stack would then wait for a unit that is not there.
+fn generated(rec: &Record) -> Result<()> {
+    let quadlets: Vec<(&str, String)> = rec
+        .entries
+        .iter()
+        .filter_map(|e| quadlet_unit(&e.path).map(|u| (e.path.as_str(), u)))
+        .collect();
+    let mut missing = Vec::new();
+    for (file, unit) in &quadlets {
+        let out = Command::new("systemctl")
+            .args(["show", "--property=LoadState", "--value", unit])
+            .output()
+            .context("running systemctl")?;
+        if String::from_utf8_lossy(&out.stdout).trim() != "loaded" {
+            missing.push(format!("/{file}"));
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let version = Command::new("podman")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    bail!(
+        "{version}: its quadlet generator made no unit of {}: this Podman cannot read them \
+         (`/usr/libexec/podman/quadlet -dryrun` says why); the bundle is tested with Podman \
+         5.4: upgrade Podman, then install again (`builder uninstall` removes what was put \
+         there)",
+        missing.join(", ")
+    )
 }
 
 /// Starts what the bundle enables: the units its `*.wants/` links name
