@@ -42,9 +42,37 @@ pub struct InstallRequest {
 /// One path of the merged layers, as the last layer that has it leaves it.
 #[derive(Debug, Clone, PartialEq)]
 enum Wanted {
-    Dir { mode: u32 },
-    File { mode: u32, sha256: String },
-    Link { target: String },
+    Dir {
+        mode: u32,
+        owner: Owner,
+    },
+    File {
+        mode: u32,
+        owner: Owner,
+        sha256: String,
+    },
+    Link {
+        target: String,
+    },
+}
+
+/// A layer entry's numeric owner and group (applied when installing as root).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Owner {
+    uid: u32,
+    gid: u32,
+}
+
+impl Owner {
+    /// Gives `path` this owner (as root only: anyone else cannot, and an
+    /// install into a directory of one's own keeps one's own). Before the
+    /// mode is set: a change of owner clears set-user-ID bits.
+    fn apply(self, path: &Path) -> std::io::Result<()> {
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid))?;
+        }
+        Ok(())
+    }
 }
 
 /// What an install did, for its summary.
@@ -83,11 +111,12 @@ pub fn install(req: &InstallRequest) -> Result<Installed> {
         .map(|r| r.dirs.iter().cloned().collect())
         .unwrap_or_default();
     for (path, want) in &wanted {
-        if let Wanted::Dir { mode } = want {
+        if let Wanted::Dir { mode, owner } = want {
             let dest = root.join(path);
             if !dest.is_dir() {
                 fs::create_dir_all(&dest)
                     .with_context(|| format!("creating {}", dest.display()))?;
+                owner.apply(&dest)?;
                 fs::set_permissions(&dest, fs::Permissions::from_mode(*mode))?;
                 rec.dirs.push(path.clone());
             } else if earlier_dirs.contains(path) {
@@ -191,10 +220,20 @@ fn merged_layers(bundle: &Bundle, manifest: &Manifest) -> Result<BTreeMap<String
         for e in contents.entries {
             let path = checked_path(&e.path, &layer.name)?;
             let mode = u32::from_str_radix(&e.mode, 8).unwrap_or(0o644);
+            let (Ok(uid), Ok(gid)) = (u32::try_from(e.uid), u32::try_from(e.gid)) else {
+                bail!(
+                    "layer {} has {path} owned by {}:{}, beyond 32-bit IDs",
+                    layer.name,
+                    e.uid,
+                    e.gid
+                );
+            };
+            let owner = Owner { uid, gid };
             let want = match e.kind {
-                "dir" => Wanted::Dir { mode },
+                "dir" => Wanted::Dir { mode, owner },
                 "file" => Wanted::File {
                     mode,
+                    owner,
                     sha256: e.sha256.unwrap_or_default(),
                 },
                 "symlink" => Wanted::Link {
@@ -276,7 +315,14 @@ fn put_layer(blob: &mut dyn Read, root: &Path, wanted: &BTreeMap<String, Wanted>
         let path = raw.trim_start_matches("./").trim_end_matches('/');
         let dest = root.join(path);
         match (entry.header().entry_type(), wanted.get(path)) {
-            (tar::EntryType::Regular, Some(Wanted::File { mode, sha256 })) => {
+            (
+                tar::EntryType::Regular,
+                Some(Wanted::File {
+                    mode,
+                    owner,
+                    sha256,
+                }),
+            ) => {
                 let mut bytes = Vec::new();
                 entry.read_to_end(&mut bytes)?;
                 // An earlier layer's file of the same path is not the one kept.
@@ -285,6 +331,7 @@ fn put_layer(blob: &mut dyn Read, root: &Path, wanted: &BTreeMap<String, Wanted>
                 }
                 replace(&dest, |tmp| {
                     fs::write(tmp, &bytes)?;
+                    owner.apply(tmp)?;
                     fs::set_permissions(tmp, fs::Permissions::from_mode(*mode))
                 })?;
             }
