@@ -188,6 +188,32 @@ impl Bundle {
             .with_context(|| format!("{BUILDER_MANIFEST} in {} is malformed", self.path.display()))
     }
 
+    /// Streams each file named in `names` to `visit`, in the tar's order, in
+    /// one pass over the tar (where `with_file` per name would read it again
+    /// up to each).
+    pub fn with_files(
+        &self,
+        names: &std::collections::BTreeSet<String>,
+        mut visit: impl FnMut(&str, &mut dyn Read) -> Result<()>,
+    ) -> Result<()> {
+        let file =
+            File::open(&self.path).with_context(|| format!("opening {}", self.path.display()))?;
+        let mut archive = tar::Archive::new(BufReader::new(file));
+        let mut seen = 0;
+        for entry in archive.entries()? {
+            let mut entry = entry?;
+            let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+            if names.contains(&name) {
+                visit(&name, &mut entry)?;
+                seen += 1;
+            }
+        }
+        if seen != names.len() {
+            bail!("{} lacks some of {names:?}", self.path.display());
+        }
+        Ok(())
+    }
+
     /// Streams one file's bytes to `visit` (a second pass over the tar).
     pub fn with_file<T>(
         &self,

@@ -29,7 +29,11 @@ pub struct LayerCheck {
 }
 
 pub fn verify(path: &std::path::Path) -> Result<VerifyReport> {
-    let bundle = Bundle::read(path)?;
+    verify_bundle(&Bundle::read(path)?)
+}
+
+/// [`verify`] of a bundle already read (its file list and small files).
+pub fn verify_bundle(bundle: &Bundle) -> Result<VerifyReport> {
     let mut problems = Vec::new();
     let manifest = match bundle.manifest() {
         Ok(m) => Some(m),
@@ -69,8 +73,8 @@ pub fn verify(path: &std::path::Path) -> Result<VerifyReport> {
         ));
     }
 
-    check_sums(&bundle, &label, &mut problems);
-    let oci_layers = check_oci(&bundle, &mut problems);
+    check_sums(bundle, &label, &mut problems);
+    let oci_layers = check_oci(bundle, &mut problems);
 
     let mut layers = Vec::new();
     if let Some(manifest) = &manifest {
@@ -136,7 +140,7 @@ pub fn verify(path: &std::path::Path) -> Result<VerifyReport> {
                 ok: problems.len() == before,
             });
         }
-        check_images(&bundle, manifest, &mut problems);
+        check_images(bundle, manifest, &mut problems);
         // A damaged blob is also reported by the blob and sums checks; mark
         // its layer failed in any case.
         for check in &mut layers {
@@ -151,7 +155,7 @@ pub fn verify(path: &std::path::Path) -> Result<VerifyReport> {
 
     Ok(VerifyReport {
         version: 1,
-        bundle: path.display().to_string(),
+        bundle: bundle.path.display().to_string(),
         ok: problems.is_empty(),
         layers,
         problems,

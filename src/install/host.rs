@@ -147,16 +147,27 @@ fn generated(rec: &Record) -> Result<()> {
         .iter()
         .filter_map(|e| quadlet_unit(&e.path).map(|u| (e.path.as_str(), u)))
         .collect();
-    let mut missing = Vec::new();
-    for (file, unit) in &quadlets {
-        let out = Command::new("systemctl")
-            .args(["show", "--property=LoadState", "--value", unit])
-            .output()
-            .context("running systemctl")?;
-        if String::from_utf8_lossy(&out.stdout).trim() != "loaded" {
-            missing.push(format!("/{file}"));
-        }
+    if quadlets.is_empty() {
+        return Ok(());
     }
+    // One `systemctl show` for all: a block of Id= and LoadState= per unit.
+    let mut args = vec!["show", "--property=Id,LoadState"];
+    args.extend(quadlets.iter().map(|(_, u)| u.as_str()));
+    let out = Command::new("systemctl")
+        .args(&args)
+        .output()
+        .context("running systemctl")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let loaded: Vec<&str> = text
+        .split("\n\n")
+        .filter(|block| block.lines().any(|l| l == "LoadState=loaded"))
+        .filter_map(|block| block.lines().find_map(|l| l.strip_prefix("Id=")))
+        .collect();
+    let missing: Vec<String> = quadlets
+        .iter()
+        .filter(|(_, unit)| !loaded.contains(&unit.as_str()))
+        .map(|(file, _)| format!("/{file}"))
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -245,13 +256,13 @@ pub fn defined_units(rec: &Record) -> Vec<String> {
 }
 
 pub fn systemctl(args: &[&str]) -> Result<()> {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    run("systemctl", &args)
+    run("systemctl", args)
 }
 
-fn run(program: &str, args: &[String]) -> Result<()> {
+fn run<S: AsRef<str>>(program: &str, args: &[S]) -> Result<()> {
+    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
     let out = Command::new(program)
-        .args(args)
+        .args(&args)
         .output()
         .with_context(|| format!("running {program}"))?;
     if !out.status.success() {

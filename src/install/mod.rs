@@ -124,16 +124,10 @@ pub fn install(req: &InstallRequest) -> Result<Installed> {
             }
         }
     }
-    // The record's own directory is one of the bundle's (shell-lib).
-    if !root.join(RECORD).parent().is_some_and(Path::is_dir) {
-        bail!("the bundle has no usr/lib/matrix-appliance/: it is not an appliance bundle");
-    }
-    // Links and files, layer by layer (a later layer's file replaces an
-    // earlier one's): the files are streamed out of the bundle again.
-    for layer in &manifest.layers {
-        let blob = bundle::blob_name(&layer.digest);
-        bundle.with_file(&blob, |r| put_layer(r, &root, &wanted))?;
-    }
+    // Links and files, streamed out of the bundle again in one pass; where
+    // layers share a path, only the merged view's version is written.
+    let names = layer_blobs(&manifest).into_keys().collect();
+    bundle.with_files(&names, |_, r| put_layer(r, &root, &wanted))?;
     for (path, want) in &wanted {
         match want {
             Wanted::File { sha256, .. } => rec.entries.push(Recorded {
@@ -204,20 +198,37 @@ fn read_verified(path: &Path) -> Result<Bundle> {
             path.display()
         )
     };
-    let report = crate::verify::verify(path).map_err(|e| damaged(format!("{e:#}")))?;
+    let bundle = Bundle::read(path).map_err(|e| damaged(format!("{e:#}")))?;
+    let report = crate::verify::verify_bundle(&bundle).map_err(|e| damaged(format!("{e:#}")))?;
     if !report.ok {
         return Err(damaged(report.problems.join("; ")));
     }
-    Bundle::read(path)
+    Ok(bundle)
 }
 
-/// Every path of the bundle's layers merged in order.
+/// The layer blobs' names in the bundle, each with its layer's name.
+fn layer_blobs(manifest: &Manifest) -> BTreeMap<String, String> {
+    manifest
+        .layers
+        .iter()
+        .map(|l| (bundle::blob_name(&l.digest), l.name.clone()))
+        .collect()
+}
+
+/// Every path of the bundle's layers merged in order (the tar is read once;
+/// its blobs are in digest order, the merge in the manifest's).
 fn merged_layers(bundle: &Bundle, manifest: &Manifest) -> Result<BTreeMap<String, Wanted>> {
+    let blobs = layer_blobs(manifest);
+    let names = blobs.keys().cloned().collect();
+    let mut contents = BTreeMap::new();
+    bundle.with_files(&names, |blob, r| {
+        contents.insert(blob.to_string(), bundle::read_layer(r)?);
+        Ok(())
+    })?;
     let mut wanted = BTreeMap::new();
     for layer in &manifest.layers {
-        let blob = bundle::blob_name(&layer.digest);
-        let contents = bundle.with_file(&blob, |r| bundle::read_layer(r))?;
-        for e in contents.entries {
+        let entries = &contents[&bundle::blob_name(&layer.digest)].entries;
+        for e in entries {
             let path = checked_path(&e.path, &layer.name)?;
             let mode = u32::from_str_radix(&e.mode, 8).unwrap_or(0o644);
             let (Ok(uid), Ok(gid)) = (u32::try_from(e.uid), u32::try_from(e.gid)) else {
@@ -234,10 +245,10 @@ fn merged_layers(bundle: &Bundle, manifest: &Manifest) -> Result<BTreeMap<String
                 "file" => Wanted::File {
                     mode,
                     owner,
-                    sha256: e.sha256.unwrap_or_default(),
+                    sha256: e.sha256.clone().unwrap_or_default(),
                 },
                 "symlink" => Wanted::Link {
-                    target: e.target.unwrap_or_default(),
+                    target: e.target.clone().unwrap_or_default(),
                 },
                 other => bail!(
                     "layer {} has {path} as a {other}: a bundle to install holds only \
@@ -247,6 +258,16 @@ fn merged_layers(bundle: &Bundle, manifest: &Manifest) -> Result<BTreeMap<String
             };
             wanted.insert(path, want);
         }
+    }
+    // The record goes into the bundle's own directory (shell-lib's).
+    let record_dir = Path::new(RECORD)
+        .parent()
+        .unwrap_or(Path::new(""))
+        .to_string_lossy();
+    if !matches!(wanted.get(&*record_dir), Some(Wanted::Dir { .. })) {
+        bail!(
+            "the bundle has no {record_dir}/: it is not an appliance bundle, nothing was installed"
+        );
     }
     Ok(wanted)
 }

@@ -47,14 +47,10 @@ pub fn uninstall(root: &Path) -> Result<Removed> {
     let mut removed = remove_files(&root, &rec)?;
     fs::remove_file(root.join(RECORD))
         .with_context(|| format!("removing {}", root.join(RECORD).display()))?;
-    // The record's directory, when the install made it and it is now empty.
-    if let Some(dir) = Path::new(RECORD).parent() {
-        let dir = dir.to_string_lossy();
-        if rec.dirs.iter().any(|d| *d == dir) {
-            let _ = fs::remove_dir(root.join(&*dir));
-            removed.kept_dirs.retain(|d| *d != dir);
-        }
-    }
+    // Directories kept only for the record (deepest first, as kept).
+    removed
+        .kept_dirs
+        .retain(|dir| fs::remove_dir(root.join(dir)).is_err());
     if live {
         host::systemctl(&["daemon-reload"])?;
     }
