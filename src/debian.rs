@@ -5,13 +5,11 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::Cache;
-use crate::chroot;
 
 /// The Debian release every root is made from.
 pub const SUITE: &str = "trixie";
@@ -88,7 +86,7 @@ pub fn essential_hook(users: &[User], preseed: &BTreeMap<String, String>) -> Str
         s += &format!(
             "mkdir -p \"$(dirname \"$r/{p}\")\"\nprintf %s {t} > \"$r/{p}\"\n",
             p = path,
-            t = chroot::quote(text)
+            t = exec::shell_quote(text)
         );
     }
     s
@@ -113,7 +111,7 @@ pub struct Bootstrap<'a> {
 
 /// Fails with the way to get mmdebstrap where it is missing.
 pub fn require_mmdebstrap(what: &str) -> Result<()> {
-    if Command::new("mmdebstrap")
+    if exec::command("mmdebstrap")
         .arg("--version")
         .output()
         .is_err()
@@ -137,12 +135,12 @@ pub fn mmdebstrap(b: &Bootstrap, cache: &Cache) -> Result<()> {
     let debs_out = b.work.join("debs-out");
     fs::create_dir_all(&debs_out)?;
     let utf8 = |p: &Path| -> Result<String> {
-        Ok(chroot::quote(
+        Ok(exec::shell_quote(
             p.to_str().context("the cache path must be UTF-8")?,
         ))
     };
     let (debs_q, debs_out_q) = (utf8(&debs)?, utf8(&debs_out)?);
-    let mut cmd = Command::new("mmdebstrap");
+    let mut cmd = exec::command("mmdebstrap");
     cmd.arg(format!("--variant={}", b.variant))
         .args(["--mode=root", "--format=directory", "--quiet"])
         .arg(format!("--include={}", b.packages.join(",")))
@@ -168,15 +166,12 @@ pub fn mmdebstrap(b: &Bootstrap, cache: &Cache) -> Result<()> {
         .env("PYTHONHASHSEED", "0");
     let out = cmd.output().context("running mmdebstrap")?;
     if !out.status.success() {
-        let text = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = text.lines().rev().take(20).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
         bail!(
             "mmdebstrap could not build {} (a package not in Debian {}, or the mirror \
              {mirror} unreachable?):\n{}",
             b.what,
             b.suite,
-            tail.join("\n")
+            exec::tail(&String::from_utf8_lossy(&out.stderr))
         );
     }
     for entry in fs::read_dir(&debs_out)? {
@@ -191,19 +186,19 @@ pub fn mmdebstrap(b: &Bootstrap, cache: &Cache) -> Result<()> {
 
 /// `package version` lines of what is installed in `root`, sorted.
 pub fn installed_packages(root: &Path) -> Result<Vec<(String, String)>> {
-    let out = Command::new("chroot")
-        .arg(root)
-        .args(["dpkg-query", "-W", "-f", "${Package} ${Version}\\n"])
-        .output()
-        .context("listing installed packages (chroot dpkg-query)")?;
-    if !out.status.success() {
-        bail!(
-            "dpkg-query in {} failed: {}",
-            root.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let mut packages: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
+    let out = exec::output(
+        exec::command("chroot").arg(root).args([
+            "dpkg-query",
+            "-W",
+            "-f",
+            "${Package} ${Version}\\n",
+        ]),
+        &format!(
+            "listing the packages installed in {} (dpkg-query)",
+            root.display()
+        ),
+    )?;
+    let mut packages: Vec<(String, String)> = String::from_utf8_lossy(&out)
         .lines()
         .filter_map(|l| l.split_once(' '))
         .map(|(p, v)| (p.to_string(), v.to_string()))

@@ -99,19 +99,13 @@ impl OutDir {
         .with_context(|| format!("reading {}", src.display()))?
         .0;
         let tmp = self.temp_beside(name)?;
-        let status = std::process::Command::new("cp")
-            .arg("--sparse=always")
-            .arg(src)
-            .arg(tmp.path())
-            .status()
-            .with_context(|| format!("copying {} (cp)", src.display()))?;
-        if !status.success() {
-            return Err(anyhow!(
-                "copying {} into {} failed",
-                src.display(),
-                self.dir.display()
-            ));
-        }
+        exec::run(
+            exec::command("cp")
+                .arg("--sparse=always")
+                .arg(src)
+                .arg(tmp.path()),
+            &format!("copying {} into {} (cp)", src.display(), self.dir.display()),
+        )?;
         fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o644))?;
         self.staged.push((tmp, name.to_string(), digest));
         Ok(digest)

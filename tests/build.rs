@@ -403,11 +403,11 @@ fn pack_gives_the_same_bytes_on_one_core_and_on_all() {
         let blob = p.dir.path().join("blob.tar.gz");
         let mut cmd = match taskset {
             Some(cpus) => {
-                let mut c = std::process::Command::new("taskset");
+                let mut c = exec::command("taskset");
                 c.args(["-c", cpus, env!("CARGO_BIN_EXE_builder")]);
                 c
             }
-            None => std::process::Command::new(env!("CARGO_BIN_EXE_builder")),
+            None => exec::command(env!("CARGO_BIN_EXE_builder")),
         };
         let o = cmd
             .args([
@@ -602,7 +602,7 @@ fn completions_and_the_man_page_come_from_the_command_definitions() {
         );
         assert!(man.contains(command), "{command} not in the man page");
     }
-    let checked = std::process::Command::new("bash")
+    let checked = exec::command("bash")
         .args(["-n", "-c", &script])
         .output()
         .unwrap();

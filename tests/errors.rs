@@ -328,7 +328,7 @@ fn an_unreadable_file() {
 }
 
 fn is_root() -> bool {
-    std::process::Command::new("id")
+    exec::command("id")
         .arg("-u")
         .output()
         .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
@@ -338,7 +338,7 @@ fn is_root() -> bool {
 fn special_files_are_refused() {
     let p = fixture();
     let fifo = p.root().join("layers/a/root/etc/pipe");
-    assert!(std::process::Command::new("mkfifo")
+    assert!(exec::command("mkfifo")
         .arg(&fifo)
         .status()
         .unwrap()

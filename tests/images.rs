@@ -12,7 +12,6 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -62,7 +61,7 @@ fn unpack_embedded(stack: &Stack, name: &str) -> common::images::ImageRoot {
 }
 
 fn skopeo_copy(from: &str, to: &str) {
-    let o = Command::new("skopeo")
+    let o = exec::command("skopeo")
         .args(["copy", from, to])
         .output()
         .unwrap();
@@ -310,7 +309,7 @@ fn locally_built_images_serve_matrix_with_the_rendered_configs() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let key = stack.state.join("synapse/secrets/signing.key");
     fs::write(&key, &o.stdout).unwrap();
-    Command::new("chown")
+    exec::command("chown")
         .args(["991:991"])
         .arg(&key)
         .status()
@@ -802,8 +801,6 @@ fn a_failed_pull_is_named_with_its_image_registry_error_and_what_to_do() {
     let image = layer["images"]["whatsapp"]["upstream"].as_str().unwrap();
     let registry = image.split('/').next().unwrap();
     const SCRIPT: &str = r#"set -u
-mount -t tmpfs tmpfs /run
-mount -t sysfs sysfs /sys
 mkdir -p /tmp/pull
 if podman --root /tmp/pull/root --runroot /tmp/pull/run --storage-driver vfs \
 	--cgroup-manager cgroupfs pull "$1" >/tmp/pull/log 2>&1; then
@@ -815,13 +812,14 @@ journalctl() { cat /tmp/pull/log; }
 pull_problem matrix-bridge-whatsapp.service
 "#;
     let lib = repo.join("layers/shell-lib/root/usr/lib/matrix-appliance");
-    let sandbox = Sandbox {
-        binds: vec![(lib, "/usr/lib/matrix-appliance".to_string())],
-        offline: true,
-        ..Sandbox::default()
-    };
     let o = ToolsRoot::get()
-        .command_in(&sandbox, "sh", &["-c", SCRIPT, "sh", image])
+        .sandbox(Vec::new())
+        .bind(lib, "/usr/lib/matrix-appliance")
+        .loopback_only()
+        .tmpfs("/run")
+        .sys()
+        .command(&["sh", "-c", SCRIPT, "sh", image])
+        .unwrap()
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout);

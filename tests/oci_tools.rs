@@ -10,7 +10,7 @@ use std::process::Command;
 use common::*;
 
 fn tool(name: &str) -> String {
-    let found = Command::new("sh")
+    let found = exec::command("sh")
         .arg("-c")
         .arg(format!("command -v {name}"))
         .output()
@@ -36,7 +36,7 @@ fn run(cmd: &mut Command) -> String {
 /// Every entry of a tree on disk, sorted: path, type, mode, owner and group,
 /// symlink target, and the SHA-256 of a regular file's bytes.
 fn listing(root: &Path) -> Vec<String> {
-    let out = run(Command::new("find")
+    let out = run(exec::command("find")
         .arg(".")
         .arg("-mindepth")
         .arg("1")
@@ -76,7 +76,7 @@ fn skopeo_copies_and_umoci_unpacks_the_bundle_to_the_rendered_tree() {
     assert_exit(&o, 0);
     let bundle = p.out().join("vps.bundle.tar");
 
-    let inspect = run(Command::new(&skopeo)
+    let inspect = run(exec::command(&skopeo)
         .arg("inspect")
         .arg(format!("oci-archive:{}", bundle.display())));
     let v: serde_json::Value = serde_json::from_str(&inspect).unwrap();
@@ -93,12 +93,12 @@ fn skopeo_copies_and_umoci_unpacks_the_bundle_to_the_rendered_tree() {
     );
 
     let layout = p.dir.path().join("layout");
-    run(Command::new(&skopeo)
+    run(exec::command(&skopeo)
         .arg("copy")
         .arg(format!("oci-archive:{}", bundle.display()))
         .arg(format!("oci:{}:vps", layout.display())));
     let unpacked = p.dir.path().join("unpacked");
-    run(Command::new(&umoci)
+    run(exec::command(&umoci)
         // As root: the owners in the bundle's layers are applied, not mapped.
         .arg("unpack")
         .arg("--image")

@@ -214,7 +214,7 @@ fn postgresql_17_to_18_keeps_every_row_and_a_rollback_finds_17_as_it_left_it() {
     stack.tmpfiles();
     let small = stack.dir.path().join("small");
     fs::create_dir_all(&small).unwrap();
-    let mounted = std::process::Command::new("mount")
+    let mounted = exec::command("mount")
         .args(["-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs"])
         .arg(&small)
         .status()
@@ -225,7 +225,7 @@ fn postgresql_17_to_18_keeps_every_row_and_a_rollback_finds_17_as_it_left_it() {
         .push((small.clone(), "/var/lib/matrix/postgres-18".into()));
     let o = run(&stack, UPGRADE, &["prepare"]);
     stack.extra_binds.pop();
-    let _ = std::process::Command::new("umount").arg(&small).status();
+    let _ = exec::command("umount").arg(&small).status();
     refused(
         &o,
         "not enough free space to move PostgreSQL 17's data into a PostgreSQL 18 cluster",

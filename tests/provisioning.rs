@@ -11,23 +11,18 @@ mod common;
 
 use std::fs;
 
-use common::tools::{Sandbox, ToolsRoot};
+use common::tools::ToolsRoot;
 use common::*;
 
 const MAC: &str = "52:54:00:12:34:56";
 
-/// cloud-init's two stages as the single process runs them at boot, in a
-/// UTS namespace of their own (the host name is the sandbox's), with the
-/// image's /etc, /usr and /root read-only; then what they left.
+/// cloud-init's two stages as the single process runs them at boot (with
+/// a host name, a /sys and links of the sandbox's own; the image's /etc,
+/// /usr and /root read-only); then what they left.
 const SCRIPT: &str = r#"set -eu
-for d in /etc /usr /root; do mount --bind "$d" "$d"; mount -o remount,bind,ro "$d"; done
-# This network namespace's links, as cloud-init looks them up.
-mount -t sysfs sysfs /sys
 # The link the metadata names by its MAC address, under another name.
 ip link add eth9 type veth peer name eth9peer
 ip link set eth9 address "$1"
-exec unshare --uts sh -c '
-set -eu
 hostname build-time-name
 cloud-init init --local >/tmp/local.log 2>&1 || { cat /tmp/local.log /var/log/cloud-init.log; exit 1; }
 cloud-init init >/tmp/network.log 2>&1 || { cat /tmp/network.log /var/log/cloud-init.log; exit 1; }
@@ -37,7 +32,6 @@ echo "keys:"; cat /run/matrix-appliance/ssh/cloud-init.root
 echo "links:"; ip -o link show
 echo "problems:"; grep -E "WARNING|ERROR|Traceback" /var/log/cloud-init.log || true
 echo "report:"; /usr/libexec/matrix-appliance/provision-report 2>&1
-'
 "#;
 
 #[test]
@@ -80,17 +74,18 @@ fn a_nocloud_seed_gives_keys_host_name_and_a_static_network_in_run() {
         ),
     )
     .unwrap();
-    let sandbox = Sandbox {
-        trees: vec![p.root().join("tree")],
-        binds: vec![(
-            seed,
-            "/run/matrix-appliance/cloud-init/seed/nocloud".to_string(),
-        )],
-        offline: true,
-        ..Sandbox::default()
-    };
     let o = ToolsRoot::get()
-        .command_in(&sandbox, "sh", &["-c", SCRIPT, "sh", MAC])
+        .sandbox(vec![p.root().join("tree")])
+        .bind(seed, "/run/matrix-appliance/cloud-init/seed/nocloud")
+        .loopback_only()
+        .uts_namespace()
+        // This network namespace's links, as cloud-init looks them up.
+        .sys()
+        .read_only_path("/etc")
+        .read_only_path("/usr")
+        .read_only_path("/root")
+        .command(&["sh", "-c", SCRIPT, "sh", MAC])
+        .unwrap()
         .output()
         .unwrap();
     let out = stdout(&o);

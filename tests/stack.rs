@@ -469,11 +469,7 @@ fn federate(proxy: &str) {
         vec!["link", "set", &vb, "netns", &b.netns],
     ] {
         assert!(
-            std::process::Command::new("ip")
-                .args(&cmd)
-                .status()
-                .unwrap()
-                .success(),
+            exec::command("ip").args(&cmd).status().unwrap().success(),
             "ip {cmd:?}"
         );
     }
@@ -485,11 +481,7 @@ fn federate(proxy: &str) {
             let mut full = vec!["netns", "exec", ns, "ip"];
             full.extend(cmd.iter().copied());
             assert!(
-                std::process::Command::new("ip")
-                    .args(&full)
-                    .status()
-                    .unwrap()
-                    .success(),
+                exec::command("ip").args(&full).status().unwrap().success(),
                 "ip {full:?}"
             );
         }

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::tools::{Sandbox, ToolsRoot};
 use common::EPOCH;
@@ -65,7 +65,7 @@ fn project() -> PathBuf {
 }
 
 fn builder(args: &[&str], cache: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_builder"))
+    exec::command(env!("CARGO_BIN_EXE_builder"))
         .arg("--project")
         .arg(project())
         .args(args)
@@ -1147,7 +1147,7 @@ fn every_yaml_json_and_toml_file_parses_without_duplicate_keys() {
             }
         }
         if !yaml_files.is_empty() {
-            let out = Command::new(&python)
+            let out = exec::command(&python)
                 .args(["-c", PYYAML_STRICT])
                 .args(&yaml_files)
                 .output()

@@ -133,6 +133,19 @@ impl Updater {
         binds.extend_from_slice(more);
         binds
     }
+
+    /// The tools root with the updater and [`Updater::binds`] `more`.
+    fn sandbox(
+        &self,
+        tools: &common::tools::ToolsRoot,
+        more: &[(&std::path::Path, &str)],
+    ) -> exec::Sandbox {
+        let mut sandbox = tools.sandbox(Vec::new());
+        for (host, inside) in self.binds(more) {
+            sandbox = sandbox.bind(host, inside);
+        }
+        sandbox
+    }
 }
 
 fn updater(p: &Project) -> Updater {
@@ -242,8 +255,7 @@ fn systemd_sysupdate_reads_the_transfer_definitions_and_installs_the_boot_files(
         .unwrap();
     }
     const SCRIPT: &str = r#"set -eu
-mkdir -p /r/efi /r/usr/lib /r/etc
-mount -t tmpfs tmpfs /r/efi
+mkdir -p /r/usr/lib /r/etc
 mkdir -p /r/efi/EFI/Linux /r/efi/appliance
 printf 'ID=debian\nIMAGE_ID=matrix-appliance\nIMAGE_VERSION=1\n' >/r/usr/lib/os-release
 for x in vmlinuz initrd grub.cfg; do echo "version 1 $x" >/r/efi/appliance/appliance_1.$x; done
@@ -261,8 +273,12 @@ $sysupdate "$@" update
 cd /r/efi
 for f in EFI/Linux/* appliance/*; do echo "$f: $(cat "$f")"; done
 "#;
-    let o = tools
-        .command(&updater.binds(&[(&from, "/from")]), "sh", &["-c", SCRIPT])
+    // The ESP a file system of its own, as on the machine.
+    let o = updater
+        .sandbox(&tools, &[(&from, "/from")])
+        .tmpfs("/r/efi")
+        .command(&["sh", "-c", SCRIPT])
+        .unwrap()
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
@@ -298,8 +314,6 @@ fn rollback_boots_the_other_version_for_both_boot_loaders() {
     let p = Project::copy_of_repo();
     let updater = updater(&p);
     const SCRIPT: &str = r#"set -eu
-mkdir -p /efi
-mount -t tmpfs tmpfs /efi
 mkdir -p /efi/EFI/Linux /efi/appliance /efi/grub
 for v in 1 2; do for x in vmlinuz initrd grub.cfg; do echo "$v" >/efi/appliance/appliance_$v.$x; done; done
 # GRUB's 1024-byte environment block, as the image has it.
@@ -328,8 +342,11 @@ show forward
 rm /efi/appliance/appliance_2.*
 MATRIX_IMAGE_VERSION=1 sh /updater rollback --no-reboot 2>&1 || echo "exit=$?"
 "#;
-    let o = tools
-        .command(&updater.binds(&[]), "sh", &["-c", SCRIPT])
+    let o = updater
+        .sandbox(&tools, &[])
+        .tmpfs("/efi")
+        .command(&["sh", "-c", SCRIPT])
+        .unwrap()
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout);

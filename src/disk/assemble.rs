@@ -5,9 +5,8 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 
 use super::base::Base;
 use super::image_store;
@@ -86,16 +85,13 @@ fn name_the_image(root: &Path, version: &str) -> Result<()> {
 }
 
 fn copy_tree(from: &Path, to: &Path) -> Result<()> {
-    let status = Command::new("cp")
-        .args(["-a", "--reflink=auto"])
-        .arg(from)
-        .arg(to)
-        .status()
-        .context("copying the base (cp)")?;
-    if !status.success() {
-        bail!("copying {} to {} failed", from.display(), to.display());
-    }
-    Ok(())
+    exec::run(
+        exec::command("cp")
+            .args(["-a", "--reflink=auto"])
+            .arg(from)
+            .arg(to),
+        &format!("copying {} to {} (cp)", from.display(), to.display()),
+    )
 }
 
 /// Enables the image's units and makes the initramfs (with the layers'
@@ -103,21 +99,14 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
 fn configure(spec: &DiskSpec, root: &Path, epoch: u64) -> Result<()> {
     let mut script = String::from("set -e\n");
     if !spec.base.enable.is_empty() {
-        let units: Vec<String> = spec.base.enable.iter().map(|u| chroot::quote(u)).collect();
+        let units: Vec<String> = spec.base.enable.iter().map(exec::shell_quote).collect();
         script += &format!("systemctl enable --quiet {}\n", units.join(" "));
     }
     script += "update-initramfs -u -k all\n";
-    let epoch = epoch.to_string();
-    let cmd = chroot::command(
-        root,
-        &[],
-        &[
-            ("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-            ("SOURCE_DATE_EPOCH", &epoch),
-        ],
-        &["sh", "-c", &script],
-    )?;
-    chroot::run(cmd, "enabling units and making the initramfs")
+    let mut cmd = chroot::sandbox(root)
+        .env("SOURCE_DATE_EPOCH", &epoch.to_string())
+        .command(&["sh", "-c", &script])?;
+    exec::run(&mut cmd, "enabling units and making the initramfs")
 }
 
 fn kernel_version(root: &Path) -> Result<String> {
@@ -198,9 +187,8 @@ fn forget_machine(root: &Path) -> Result<()> {
 
 /// Every mtime under `dir` at the epoch: file systems record them.
 pub fn clamp_mtimes(dir: &Path, epoch: u64) -> Result<()> {
-    let status = Command::new("find")
-        .arg(dir)
-        .args([
+    exec::run(
+        exec::command("find").arg(dir).args([
             "-exec",
             "touch",
             "-h",
@@ -208,11 +196,7 @@ pub fn clamp_mtimes(dir: &Path, epoch: u64) -> Result<()> {
             &format!("@{epoch}"),
             "{}",
             "+",
-        ])
-        .status()
-        .context("setting mtimes (find, touch)")?;
-    if !status.success() {
-        bail!("setting every mtime to the epoch failed");
-    }
-    Ok(())
+        ]),
+        "setting every mtime to the epoch (find, touch)",
+    )
 }

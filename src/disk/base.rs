@@ -53,7 +53,7 @@ pub fn ensure(spec: &DiskSpec, cache: &Cache, epoch: u64, progress: &mut Progres
                 packages: &spec.base.packages,
                 hooks: vec![format!(
                     "--essential-hook=sh {} \"$1\"",
-                    crate::chroot::quote(hook.to_str().unwrap_or_default())
+                    exec::shell_quote(&hook)
                 )],
                 target: &root,
                 work: dir,

@@ -18,7 +18,6 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 
 use super::tools::Tools;
-use crate::chroot::{self, Bind};
 use crate::images::{PlannedImage, LAYOUT_DIR};
 
 /// The store in the root (Podman's `additionalimagestores`).
@@ -57,27 +56,21 @@ pub fn make(
     fs::create_dir_all(run.join("tmp"))?;
     for image in images {
         let reference = image.embedded_ref();
-        let cmd = chroot::command(
-            &tools.root,
-            &[
-                Bind { host: root, inside: "/stage" },
-                Bind { host: &run, inside: "/builder-run" },
-            ],
-            &[
-                ("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-                // Where containers/image stages blobs (not the cached tools root).
-                ("TMPDIR", "/builder-run/tmp"),
-            ],
-            &[
+        let mut cmd = tools
+            .sandbox(scratch)
+            .bind(root, "/stage")
+            .bind(&run, "/builder-run")
+            // Where containers/image stages blobs (not the cached tools root).
+            .env("TMPDIR", "/builder-run/tmp")
+            .command(&[
                 "skopeo",
                 "copy",
                 "--quiet",
                 &format!("oci:/stage/{LAYOUT_DIR}:{reference}"),
                 &format!("containers-storage:[overlay@/stage/{STORE_DIR}+/builder-run/storage]{reference}"),
-            ],
-        )?;
-        chroot::run(
-            cmd,
+            ])?;
+        exec::run(
+            &mut cmd,
             &format!(
                 "unpacking image {} into the disk's image store (skopeo)",
                 image.name

@@ -13,7 +13,6 @@ use super::boot::{stem, RootUuids};
 use super::spec::DiskSpec;
 use super::tools::Tools;
 use super::PartitionInfo;
-use crate::chroot::{self, Bind};
 
 /// GPT type of a BIOS boot partition (GRUB's core image lives there).
 const BIOS_BOOT: &str = "21686148-6449-6e6f-744e-656564454649";
@@ -154,23 +153,13 @@ pub fn make(
         "-E hash_seed={}",
         uuid_from(&format!("{seed} ext4 hash_seed"))
     );
-    let epoch = epoch.to_string();
-    let work = [Bind {
-        host: scratch,
-        inside: "/work",
-    }];
-    let env = [
-        ("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-        ("SOURCE_DATE_EPOCH", epoch.as_str()),
-        ("SYSTEMD_LOG_LEVEL", "notice"),
-        ("SYSTEMD_REPART_MKFS_OPTIONS_EXT4", ext4_options.as_str()),
-    ];
     let seed_arg = format!("--seed={seed}");
-    let repart = chroot::command(
-        &tools.root,
-        &work,
-        &env,
-        &[
+    let mut repart = tools
+        .sandbox(scratch)
+        .env("SOURCE_DATE_EPOCH", &epoch.to_string())
+        .env("SYSTEMD_LOG_LEVEL", "notice")
+        .env("SYSTEMD_REPART_MKFS_OPTIONS_EXT4", &ext4_options)
+        .command(&[
             "systemd-repart",
             "--empty=create",
             "--size=auto",
@@ -180,9 +169,8 @@ pub fn make(
             "--definitions=/work/repart.d",
             "--copy-source=/work",
             "/work/disk.raw",
-        ],
-    )?;
-    chroot::run(repart, "systemd-repart (writing the disk image)")?;
+        ])?;
+    exec::run(&mut repart, "systemd-repart (writing the disk image)")?;
     install_grub(tools, scratch)?;
     layout(tools, scratch, &mut infos)?;
     Ok(infos)
@@ -191,16 +179,10 @@ pub fn make(
 /// Fills in each partition's offset, size and UUID from the image's GPT
 /// (`sfdisk --json`).
 fn layout(tools: &Tools, scratch: &Path, infos: &mut [PartitionInfo]) -> Result<()> {
-    let cmd = chroot::command(
-        &tools.root,
-        &[Bind {
-            host: scratch,
-            inside: "/work",
-        }],
-        &[("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")],
-        &["sfdisk", "--json", "/work/disk.raw"],
-    )?;
-    let out = chroot::output(cmd, "reading the partition table (sfdisk)")?;
+    let mut cmd = tools
+        .sandbox(scratch)
+        .command(&["sfdisk", "--json", "/work/disk.raw"])?;
+    let out = exec::output(&mut cmd, "reading the partition table (sfdisk)")?;
     let table: serde_json::Value =
         serde_json::from_slice(&out).context("sfdisk --json printed no JSON")?;
     let table = &table["partitiontable"];
@@ -229,57 +211,56 @@ fn install_grub(tools: &Tools, scratch: &Path) -> Result<()> {
     )
     .context("GRUB's boot.img is missing from the tools root")?;
     fs::write(grub.join("device.map"), "(hd0) /work/disk.raw\n")?;
-    let t = chroot::quote(
-        tools
-            .root
-            .to_str()
-            .context("the cache path must be UTF-8")?,
-    );
-    let s = chroot::quote(scratch.to_str().context("the cache path must be UTF-8")?);
     // grub-bios-setup insists on finding the device its directory is on in
-    // /proc/self/mountinfo: a private /proc says it is the image file.
-    let script = format!(
-        "set -e\n\
-         mount --rbind /dev {t}/dev\n\
-         mkdir -p {t}/work\n\
-         mount --bind {s} {t}/work\n\
-         mount -t tmpfs tmpfs {t}/proc\n\
-         mkdir {t}/proc/self\n\
-         echo '1 0 1:1 / / - fat /work/disk.raw' > {t}/proc/self/mountinfo\n\
-         chroot {t} grub-mkimage -O i386-pc -d /usr/lib/grub/i386-pc -o /work/grub-pc/core.img \
-           -p '(hd0,gpt1)/grub' {modules}\n\
-         chroot {t} /usr/lib/grub/i386-pc/grub-bios-setup -d /work/grub-pc \
-           -m /work/grub-pc/device.map /work/disk.raw\n",
-        modules = GRUB_MODULES.join(" ")
-    );
-    let mut cmd = std::process::Command::new("unshare");
-    cmd.args(["--mount", "--propagation", "private", "--fork", "sh", "-c"])
-        .arg(script);
-    chroot::run(cmd, "installing GRUB for BIOS boot")
+    // /proc/self/mountinfo: a /proc of its own says it is the image file.
+    let sandbox = tools
+        .sandbox(scratch)
+        .no_proc()
+        .tmpfs("/proc")
+        .file("/proc/self/mountinfo", "1 0 1:1 / / - fat /work/disk.raw\n");
+    let mut mkimage = vec![
+        "grub-mkimage",
+        "-O",
+        "i386-pc",
+        "-d",
+        "/usr/lib/grub/i386-pc",
+        "-o",
+        "/work/grub-pc/core.img",
+        "-p",
+        "(hd0,gpt1)/grub",
+    ];
+    mkimage.extend(GRUB_MODULES);
+    exec::run(
+        &mut sandbox.command(&mkimage)?,
+        "making GRUB's core image for BIOS boot",
+    )?;
+    exec::run(
+        &mut sandbox.command(&[
+            "/usr/lib/grub/i386-pc/grub-bios-setup",
+            "-d",
+            "/work/grub-pc",
+            "-m",
+            "/work/grub-pc/device.map",
+            "/work/disk.raw",
+        ])?,
+        "installing GRUB for BIOS boot",
+    )
 }
 
 /// `scratch/disk.qcow2` from `scratch/disk.raw` (compressed clusters).
 pub fn to_qcow2(tools: &Tools, scratch: &Path) -> Result<()> {
-    let cmd = chroot::command(
-        &tools.root,
-        &[Bind {
-            host: scratch,
-            inside: "/work",
-        }],
-        &[("PATH", "/usr/bin:/bin")],
-        &[
-            "qemu-img",
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "-c",
-            "/work/disk.raw",
-            "/work/disk.qcow2",
-        ],
-    )?;
-    chroot::run(cmd, "qemu-img convert (qcow2)")
+    let mut cmd = tools.sandbox(scratch).command(&[
+        "qemu-img",
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-c",
+        "/work/disk.raw",
+        "/work/disk.qcow2",
+    ])?;
+    exec::run(&mut cmd, "qemu-img convert (qcow2)")
 }
 
 #[cfg(test)]

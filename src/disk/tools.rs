@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
-use crate::chroot::{self, Bind};
+use exec::Sandbox;
 
 use crate::cache::{Cache, Key};
 use crate::debian::{self, SUITE};
@@ -51,20 +51,22 @@ impl Tools {
     /// Runs `argv` in the tools root with `scratch` mounted at /work (and
     /// SOURCE_DATE_EPOCH set); its standard output.
     pub fn run_in(&self, scratch: &Path, epoch: u64, argv: &[&str], what: &str) -> Result<Vec<u8>> {
-        let epoch = epoch.to_string();
-        let cmd = chroot::command(
-            &self.root,
-            &[Bind {
-                host: scratch,
-                inside: "/work",
-            }],
-            &[
-                ("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-                ("SOURCE_DATE_EPOCH", epoch.as_str()),
-            ],
-            argv,
-        )?;
-        chroot::output(cmd, what)
+        let mut cmd = self
+            .sandbox(scratch)
+            .env("SOURCE_DATE_EPOCH", &epoch.to_string())
+            .command(argv)?;
+        exec::output(&mut cmd, what)
+    }
+
+    /// The tools root with `scratch` at /work, for [`Sandbox::command`]:
+    /// nothing from the host's environment, nothing written into the root
+    /// (which other builds and the tests may share).
+    pub fn sandbox(&self, scratch: &Path) -> Sandbox {
+        Sandbox::new(&self.root)
+            .clear_env()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .umask("022")
+            .bind(scratch, "/work")
     }
 }
 

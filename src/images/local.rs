@@ -21,7 +21,7 @@ use serde_json::{json, Map, Value as Json};
 use super::recipe::Recipe;
 use super::{BlobRef, StoredImage};
 use crate::cache::Cache;
-use crate::chroot::{self, Bind};
+use crate::chroot;
 use crate::debian::{self, mirror};
 use crate::digest::Digest;
 use crate::layer::SourceNode;
@@ -225,7 +225,7 @@ fn debootstrap(recipe: &Recipe, epoch: u64, cache: &Cache, dir: &Path) -> Result
             packages: &recipe.def.base.packages,
             hooks: vec![format!(
                 "--essential-hook=sh {} \"$1\"",
-                chroot::quote(hook.to_str().unwrap_or_default())
+                exec::shell_quote(&hook)
             )],
             target: &dir.join("root"),
             work: dir,
@@ -316,7 +316,6 @@ fn install_venv(recipe: &Recipe, cache: &Cache, epoch: u64, dir: &Path) -> Resul
     fs::create_dir_all(&wheels)?;
     let epoch = epoch.to_string();
     let env = [
-        ("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
         ("HOME", "/root"),
         ("LC_ALL", "C.UTF-8"),
         ("SOURCE_DATE_EPOCH", epoch.as_str()),
@@ -324,25 +323,18 @@ fn install_venv(recipe: &Recipe, cache: &Cache, epoch: u64, dir: &Path) -> Resul
         ("PIP_DISABLE_PIP_VERSION_CHECK", "1"),
         ("PIP_NO_CACHE_DIR", "1"),
     ];
-    let mut binds = vec![
-        Bind {
-            host: &wheels,
-            inside: "/tmp/builder-wheels",
-        },
-        Bind {
-            host: &recipe.dir,
-            inside: "/tmp/builder-recipe",
-        },
-    ];
+    let mut sandbox = chroot::sandbox(&root)
+        .bind(&wheels, "/tmp/builder-wheels")
+        .bind(&recipe.dir, "/tmp/builder-recipe");
+    for (key, value) in env {
+        sandbox = sandbox.env(key, value);
+    }
     // Downloads trust what the build host trusts (a site's TLS-inspecting
     // proxy CA, say) and go through its proxy and index settings.
     let host_ca = Path::new(HOST_CA_BUNDLE);
     let mut download_env: Vec<(String, String)> = Vec::new();
     if host_ca.is_file() {
-        binds.push(Bind {
-            host: host_ca,
-            inside: "/tmp/builder-host-ca.crt",
-        });
+        sandbox = sandbox.bind(host_ca, "/tmp/builder-host-ca.crt");
         download_env.push(("PIP_CERT".into(), "/tmp/builder-host-ca.crt".into()));
     }
     for key in PASSED_TO_PIP {
@@ -352,9 +344,11 @@ fn install_venv(recipe: &Recipe, cache: &Cache, epoch: u64, dir: &Path) -> Resul
     }
     let venv = py.venv.as_str();
     let run = |argv: &[&str], what: &str, extra: &[(String, String)]| -> Result<()> {
-        let mut all: Vec<(&str, &str)> = env.to_vec();
-        all.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        chroot::run(chroot::command(&root, &binds, &all, argv)?, what)
+        let mut sandbox = sandbox.clone();
+        for (key, value) in extra {
+            sandbox = sandbox.env(key, value);
+        }
+        exec::run(&mut sandbox.command(argv)?, what)
     };
     let mut create = vec!["python3", "-m", "venv", "--without-pip"];
     if py.system_site_packages {

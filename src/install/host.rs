@@ -2,7 +2,6 @@
 //! about the new units (reload, users, directories, start, stop).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
@@ -55,7 +54,7 @@ pub fn preflight() -> Result<()> {
              directory instead",
         ));
     }
-    let podman = Command::new("podman").arg("--version").output();
+    let podman = exec::command("podman").arg("--version").output();
     let version = match podman {
         Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
         _ => {
@@ -153,7 +152,7 @@ fn generated(rec: &Record) -> Result<()> {
     // One `systemctl show` for all: a block of Id= and LoadState= per unit.
     let mut args = vec!["show", "--property=Id,LoadState"];
     args.extend(quadlets.iter().map(|(_, u)| u.as_str()));
-    let out = Command::new("systemctl")
+    let out = exec::command("systemctl")
         .args(&args)
         .output()
         .context("running systemctl")?;
@@ -171,7 +170,7 @@ fn generated(rec: &Record) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    let version = Command::new("podman")
+    let version = exec::command("podman")
         .arg("--version")
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
@@ -261,19 +260,10 @@ pub fn systemctl(args: &[&str]) -> Result<()> {
 
 fn run<S: AsRef<str>>(program: &str, args: &[S]) -> Result<()> {
     let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
-    let out = Command::new(program)
-        .args(&args)
-        .output()
-        .with_context(|| format!("running {program}"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    exec::run(
+        exec::command(program).args(&args),
+        &format!("{program} {}", args.join(" ")),
+    )
 }
 
 #[cfg(test)]

@@ -17,18 +17,23 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use super::tools::{Sandbox, ToolsRoot};
+use exec::Enter;
 
-/// The host's cgroup, under the machine's cgroup v2 tree, is this and
-/// the sandbox's PID.
+use super::tools::ToolsRoot;
+
+/// The host's cgroup, under the machine's cgroup v2 tree, is this, the
+/// test process's PID and a count.
 const CGROUP_PREFIX: &str = "builder-test-host-";
 
 pub struct Host {
-    /// The sandbox (its last process is `unshare`, nspawn's parent).
+    /// The sandbox (`unshare`: every process of the host dies with it).
     sandbox: Child,
+    /// The cgroup the sandbox made for the host (removed when done).
+    cgroup: String,
     /// systemd-nspawn, and the container's PID 1 (systemd, for nsenter).
     nspawn: u32,
     leader: u32,
@@ -39,7 +44,7 @@ pub struct Host {
 fn host_root() -> PathBuf {
     let root = std::env::var_os("BUILDER_HOST_ROOT")
         .map(PathBuf::from)
-        .unwrap_or_else(|| ToolsRoot::get().root.parent().unwrap().join("host"));
+        .unwrap_or_else(|| super::tools::tools_dir().join("host"));
     let root = fs::canonicalize(&root).unwrap_or_else(|e| {
         panic!(
             "no host root at {} ({e}): run `cargo xtask tools` (or cargo xtask test)",
@@ -63,48 +68,58 @@ impl Host {
         fs::create_dir(&containers).unwrap();
         let machine_id = dir.path().join("machine-id");
         fs::write(&machine_id, "4f1c9a7e2b3d4c5e8f9a0b1c2d3e4f50\n").unwrap();
-        let mut sandbox_binds = vec![
-            (host_root(), "/srv/host-root".to_string()),
-            (containers, "/srv/containers".to_string()),
+        // A cgroup of its own, seen as the whole tree in a cgroup namespace,
+        // and a PID namespace (systemd finds its root from PID 1's cgroup):
+        // nspawn and the host's systemd take it over as if it were a machine's.
+        static BOOTED: AtomicUsize = AtomicUsize::new(0);
+        let cgroup = format!(
+            "{CGROUP_PREFIX}{}-{}",
+            std::process::id(),
+            BOOTED.fetch_add(1, Ordering::SeqCst)
+        );
+        let mut sandbox = ToolsRoot::get()
+            .sandbox(Vec::new())
+            .bind(host_root(), "/srv/host-root")
+            .bind(&containers, "/srv/containers")
             // nspawn itself needs a machine ID in the tools root.
-            (machine_id, "/etc/machine-id".to_string()),
+            .bind(&machine_id, "/etc/machine-id")
+            .enter(Enter::PivotRoot)
+            .pid_namespace()
+            .cgroup(&cgroup)
+            .tmpfs("/run");
+        let mut nspawn = vec![
+            "systemd-nspawn".to_string(),
+            "--quiet".into(),
+            "-D".into(),
+            "/srv/host-root".into(),
+            "--volatile=overlay".into(),
+            "--register=no".into(),
+            "--keep-unit".into(),
+            "--private-network".into(),
+            "--console=passive".into(),
+            "--hostname=plain-host".into(),
+            "--system-call-filter=@keyring bpf".into(),
+            "--capability=CAP_BPF".into(),
+            "--bind=/srv/containers:/var/lib/containers".into(),
         ];
-        let mut nspawn_binds = String::new();
         for (i, (outside, inside)) in binds.iter().enumerate() {
             let at = format!("/srv/bind-{i}");
-            sandbox_binds.push((outside.to_path_buf(), at.clone()));
-            nspawn_binds += &format!(" --bind-ro={at}:{inside}");
+            sandbox = sandbox.bind(outside, &at);
+            nspawn.push(format!("--bind-ro={at}:{inside}"));
         }
         // The test machine's settings (see the module's comment), in the
         // host's /etc through a bound drop-in.
         let conf = dir.path().join("50-test-machine.conf");
         fs::write(&conf, "[containers]\npids_limit = 0\n").unwrap();
-        sandbox_binds.push((conf, "/srv/containers.conf".to_string()));
-        nspawn_binds += " --bind-ro=/srv/containers.conf:/etc/containers/containers.conf.d/50-test-machine.conf";
-        let sandbox = Sandbox {
-            binds: sandbox_binds,
-            pivot_root: true,
-            ..Sandbox::default()
-        };
-        // A cgroup of its own, seen as the whole tree in a cgroup namespace,
-        // and a PID namespace (systemd finds its root from PID 1's cgroup):
-        // nspawn and the host's systemd take it over as if it were a machine's.
-        let script = format!(
-            "set -e\n\
-             mount -t sysfs sysfs /sys\n\
-             mount -t cgroup2 cgroup2 /sys/fs/cgroup\n\
-             mkdir /sys/fs/cgroup/{CGROUP_PREFIX}$$\n\
-             echo $$ > /sys/fs/cgroup/{CGROUP_PREFIX}$$/cgroup.procs\n\
-             umount /sys/fs/cgroup\n\
-             mount -t tmpfs tmpfs /run\n\
-             exec unshare --cgroup --pid --fork --mount-proc sh -c 'mount -t cgroup2 cgroup2 /sys/fs/cgroup && \
-             exec systemd-nspawn --quiet -D /srv/host-root --volatile=overlay --register=no \
-             --keep-unit --private-network --console=passive --hostname=plain-host \
-             --system-call-filter=\"@keyring bpf\" --capability=CAP_BPF \
-             --bind=/srv/containers:/var/lib/containers{nspawn_binds} --boot'"
+        sandbox = sandbox.bind(&conf, "/srv/containers.conf");
+        nspawn.push(
+            "--bind-ro=/srv/containers.conf:/etc/containers/containers.conf.d/50-test-machine.conf"
+                .into(),
         );
-        let sandbox = ToolsRoot::get()
-            .command_in(&sandbox, "sh", &["-c", &script])
+        nspawn.push("--boot".into());
+        let sandbox = sandbox
+            .command(&nspawn)
+            .unwrap()
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -112,6 +127,7 @@ impl Host {
             .unwrap();
         let mut host = Host {
             sandbox,
+            cgroup,
             nspawn: 0,
             leader: 0,
             _dir: dir,
@@ -172,7 +188,7 @@ impl Host {
 
     /// `sh -c script` inside the host, as root, in all its namespaces.
     pub fn sh(&self, script: &str) -> Output {
-        Command::new("nsenter")
+        exec::command("nsenter")
             .arg("--target")
             .arg(self.leader.to_string())
             .args(["--all", "--root", "--wd", "env", "-i"])
@@ -209,7 +225,7 @@ impl Drop for Host {
     /// Powers the host off (nspawn passes SIGTERM on as a shutdown), killed
     /// if it takes longer than a minute.
     fn drop(&mut self) {
-        let _ = Command::new("kill")
+        let _ = exec::command("kill")
             .args(["-TERM", &self.nspawn.to_string()])
             .stderr(Stdio::null())
             .status();
@@ -222,12 +238,12 @@ impl Drop for Host {
         }
         // A host that did not stop in time: killed.
         let _ = self.sandbox.kill();
-        let _ = Command::new("kill")
+        let _ = exec::command("kill")
             .args(["-KILL", &self.nspawn.to_string()])
             .stderr(Stdio::null())
             .status();
         let _ = self.sandbox.wait();
-        remove_cgroup(&format!("{CGROUP_PREFIX}{}", self.sandbox.id()));
+        remove_cgroup(&self.cgroup);
     }
 }
 

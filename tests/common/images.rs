@@ -53,7 +53,7 @@ pub fn image_config(layout: &Path, reference: &str) -> serde_json::Value {
 /// `dir`/rootfs (umoci keeps owners and modes as root).
 pub fn unpack(rendered: &Path, reference: &str, dir: &Path) -> ImageRoot {
     let layout = rendered.join(LAYOUT);
-    let o = Command::new("umoci")
+    let o = exec::command("umoci")
         .args(["unpack", "--image"])
         .arg(format!("{}:{reference}", layout.display()))
         .arg(dir)
@@ -74,10 +74,6 @@ fn list(v: &serde_json::Value) -> Vec<String> {
     v.as_array()
         .map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect())
         .unwrap_or_default()
-}
-
-fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 /// How a container of `quadlet_file` runs from `image` (argv, user, env,
@@ -156,69 +152,37 @@ impl Stack {
     /// The command that runs `argv` (or the container's own) in the
     /// container's root, in the stack's namespace.
     pub fn container_command(&self, c: &Container, argv: Option<&[&str]>) -> Command {
-        let r = quote(c.rootfs.to_str().unwrap());
-        let mut s = String::from("set -e\n");
-        s += &format!("mount --bind {r} {r}\n");
-        s += &format!("mount -t proc proc {r}/proc\nmount --rbind /dev {r}/dev\n");
-        for (host, inside, _) in &c.mounts {
-            let t = format!("{r}{}", quote(inside));
-            if host.is_dir() {
-                s += &format!("mkdir -p {t}\n");
-            } else {
-                s += &format!("mkdir -p \"$(dirname {t})\"; [ -e {t} ] || : > {t}\n");
-            }
-        }
+        // A PID namespace of its own: the container's processes die with
+        // the command, even once they changed their user.
+        let mut sandbox = exec::Sandbox::new(&c.rootfs)
+            .netns(&self.netns)
+            .pid_namespace();
         if c.read_only {
             for dir in ["/tmp", "/var/tmp", "/run"] {
-                s += &format!("mount -t tmpfs -o mode=1777 tmpfs {r}{dir}\n");
+                sandbox = sandbox.tmpfs(dir);
             }
+            sandbox = sandbox.read_only_root();
         }
         for (host, inside, ro) in &c.mounts {
-            let t = format!("{r}{}", quote(inside));
-            s += &format!("mount --bind {} {t}\n", quote(host.to_str().unwrap()));
-            if *ro {
-                s += &format!("mount -o remount,bind,ro {t}\n");
-            }
-        }
-        if c.read_only {
-            s += &format!("mount -o remount,bind,ro {r}\n");
+            sandbox = if *ro {
+                sandbox.bind_ro(host, inside)
+            } else {
+                sandbox.bind(host, inside)
+            };
         }
         let group = c.user.split(':').nth(1).unwrap();
-        // Not exec'd: this shell stays the PID namespace's first process, as
-        // root, so that it dies with unshare (--kill-child) and takes the
-        // container's processes with it. (The program, once it changed its
-        // user, no longer gets that signal: it would outlive the test.)
-        s += &format!(
-            "chroot --userspec={} --groups={group} {r} /usr/bin/env -i",
-            c.user
-        );
+        sandbox = sandbox.user(&c.user, group).clear_env();
         for e in &c.env {
-            s += &format!(" {}", quote(e));
+            let (key, value) = e.split_once('=').unwrap();
+            sandbox = sandbox.env(key, value);
         }
         let argv: Vec<String> = match argv {
             Some(a) => a.iter().map(|s| s.to_string()).collect(),
             None => c.argv.clone(),
         };
-        for a in &argv {
-            s += &format!(" {}", quote(a));
-        }
-        let mut cmd = Command::new("ip");
-        cmd.args([
-            "netns",
-            "exec",
-            &self.netns,
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "--pid",
-            "--fork",
-            "--kill-child",
-            "sh",
-            "-c",
-        ])
-        .arg(s);
-        cmd
+        sandbox
+            .command(&argv)
+            .unwrap_or_else(|e| panic!("the container's command: {e:#}"))
     }
 
     /// Starts the container of `quadlet_file` from `image`; its output goes

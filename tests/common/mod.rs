@@ -84,7 +84,7 @@ impl Project {
     /// `builder ARGS` (as `builder`) run with the given umask.
     pub fn builder_with_umask(&self, umask: &str, args: &[&str]) -> Output {
         let inner = self.command(args);
-        let mut cmd = Command::new("sh");
+        let mut cmd = exec::command("sh");
         cmd.arg("-c")
             .arg(format!("umask {umask}; exec \"$0\" \"$@\""))
             .arg(inner.get_program())
@@ -113,7 +113,7 @@ impl Project {
     }
 
     fn command_with(&self, args: &[&str], harness_pull: bool) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_builder"));
+        let mut cmd = exec::command(env!("CARGO_BIN_EXE_builder"));
         // These tests are about the bundle; the disk image (root, minutes
         // per build) is proven by `cargo xtask vm-test`.
         let bundle_only = args.first() == Some(&"build") && !args.contains(&"--output");

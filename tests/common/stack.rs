@@ -190,8 +190,10 @@ impl Stack {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::SeqCst)
         );
-        run_ok(Command::new("ip").args(["netns", "add", &netns]));
-        run_ok(Command::new("ip").args(["netns", "exec", &netns, "ip", "link", "set", "lo", "up"]));
+        run_ok(exec::command("ip").args(["netns", "add", &netns]));
+        run_ok(
+            exec::command("ip").args(["netns", "exec", &netns, "ip", "link", "set", "lo", "up"]),
+        );
 
         let state = dir.path().join("state");
         fs::create_dir_all(&state).unwrap();
@@ -258,7 +260,7 @@ impl Stack {
         args: &[&str],
     ) -> Command {
         let inner = tools.command_in(&self.sandbox(extra), program, args);
-        let mut cmd = Command::new("ip");
+        let mut cmd = exec::command("ip");
         cmd.args(["netns", "exec", &self.netns])
             .arg(inner.get_program())
             .args(inner.get_args());
@@ -705,7 +707,7 @@ impl Stack {
         let text =
             fs::read_to_string(&pidfile).unwrap_or_else(|e| panic!("{}: {e}", pidfile.display()));
         let pid = text.lines().next().unwrap().trim().to_string();
-        run_ok(Command::new("kill").args(["-INT", &pid]));
+        run_ok(exec::command("kill").args(["-INT", &pid]));
         let deadline = Instant::now() + Duration::from_secs(60);
         // Gone, or a zombie: the image's entrypoint execs the server, which
         // is then the spawned child itself, reaped by `stop` below.
@@ -756,7 +758,7 @@ impl Drop for Stack {
             }
         }
         for (_, child) in &mut self.children {
-            let _ = Command::new("kill")
+            let _ = exec::command("kill")
                 .arg("-TERM")
                 .arg(child.id().to_string())
                 .status();
@@ -769,7 +771,7 @@ impl Drop for Stack {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = Command::new("ip")
+        let _ = exec::command("ip")
             .args(["netns", "delete", &self.netns])
             .status();
     }

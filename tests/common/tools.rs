@@ -2,12 +2,12 @@
 //! production's own programs in it (podman 5's quadlet generator, systemd 257,
 //! nginx, Caddy, PostgreSQL 17, Pebble), whatever Debian the host runs.
 //!
-//! Every command gets a private mount namespace: the root is the lowest layer
-//! of an overlay whose upper layer is a tmpfs of that namespace, so a command
-//! may write anywhere, mount points are created on the fly, and nothing leaks
-//! into the shared root, the host or a concurrent test. Needs root.
+//! Every command gets a private mount namespace (the `exec` crate's sandbox):
+//! the root is the lowest layer of an overlay whose upper layer is a tmpfs of
+//! that namespace, so a command may write anywhere, mount points are created
+//! on the fly, and nothing leaks into the shared root, the host or a
+//! concurrent test. Needs root.
 
-use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,7 +23,8 @@ pub struct ToolsRoot {
     scratch: PathBuf,
 }
 
-/// How a command sees the root beyond the plain root.
+/// How a command sees the root beyond the plain root (the common cases;
+/// [`ToolsRoot::sandbox`] gives the `exec` sandbox itself for the others).
 #[derive(Default, Clone)]
 pub struct Sandbox {
     /// Directory trees laid over `/` (overlay lower layers; the first wins),
@@ -45,10 +46,9 @@ pub struct Sandbox {
 impl ToolsRoot {
     /// The root named by `BUILDER_TOOLS_ROOT`, else `target/tools/current`.
     pub fn get() -> ToolsRoot {
-        let tools = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools");
         let root = std::env::var_os("BUILDER_TOOLS_ROOT")
             .map(PathBuf::from)
-            .unwrap_or_else(|| tools.join("current"));
+            .unwrap_or_else(|| tools_dir().join("current"));
         let root = fs::canonicalize(&root)
             .unwrap_or_else(|e| panic!("no tools root at {} ({e}): {HOW}", root.display()));
         assert!(
@@ -58,10 +58,9 @@ impl ToolsRoot {
         );
         let venv = std::env::var_os("BUILDER_TOOLS_VENV")
             .map(PathBuf::from)
-            .unwrap_or_else(|| root.parent().unwrap().join("venv"));
-        let scratch = root.parent().unwrap().join(".scratch");
+            .unwrap_or_else(|| tools_dir().join("venv"));
+        let scratch = tools_dir().join(".scratch");
         fs::create_dir_all(&scratch).unwrap();
-        mount_option_path(&scratch);
         assert!(
             rustix::process::geteuid().is_root(),
             "the tools root needs root (unshare, mount, chroot)"
@@ -79,7 +78,7 @@ impl ToolsRoot {
         let main = ToolsRoot::get();
         let root = std::env::var_os("BUILDER_POSTGRES_NEXT_ROOT")
             .map(PathBuf::from)
-            .unwrap_or_else(|| main.root.parent().unwrap().join("postgres-next"));
+            .unwrap_or_else(|| tools_dir().join("postgres-next"));
         let root = fs::canonicalize(&root)
             .unwrap_or_else(|e| panic!("no PostgreSQL 18 root at {} ({e}): {HOW}", root.display()));
         assert!(
@@ -114,72 +113,34 @@ impl ToolsRoot {
         self.command_in(&sandbox, program, args)
     }
 
+    /// The root under an overlay with `trees` laid over it (the first wins)
+    /// and a writable layer of the command's own.
+    pub fn sandbox(&self, trees: Vec<PathBuf>) -> exec::Sandbox {
+        exec::Sandbox::new(&self.root).overlay(trees, &self.scratch)
+    }
+
     /// `program args` run inside the root as `sandbox` says. The environment
     /// of the returned command reaches the program (PATH is the root's).
     pub fn command_in(&self, sandbox: &Sandbox, program: &str, args: &[&str]) -> Command {
-        let mut lower = Vec::new();
-        for tree in &sandbox.trees {
-            lower.push(mount_option_path(tree));
-        }
-        lower.push(mount_option_path(&self.root));
-        let mut script = String::from("set -eu\n");
-        script += &format!("s={}\n", quote(self.scratch.as_os_str()));
-        script += "mount -t tmpfs -o mode=0755 tmpfs \"$s\"\n";
-        script += "mkdir \"$s/upper\" \"$s/work\" \"$s/merged\"\nm=$s/merged\n";
-        script += &format!(
-            "mount -t overlay overlay -o \"lowerdir={},upperdir=$s/upper,workdir=$s/work\" \"$m\"\n",
-            lower.join(":")
-        );
-        script += "mount -t proc proc \"$m/proc\"\nmount --rbind /dev \"$m/dev\"\n";
+        let mut view = self.sandbox(sandbox.trees.clone());
         for (host, inside) in &sandbox.binds {
-            assert!(
-                inside.starts_with('/'),
-                "bind target {inside:?} is not absolute"
-            );
-            let host_q = quote(host.as_os_str());
-            let inside_q = quote(OsStr::new(inside));
-            // A directory or a file mount point, made in the overlay.
-            script += &format!(
-                "t=\"$m\"{inside_q}\n\
-                 if [ -L \"$t\" ]; then echo \"bind target {inside} is a symlink in the root\" >&2; exit 1; fi\n\
-                 if [ -d {host_q} ]; then mkdir -p \"$t\"; \
-                 else mkdir -p \"$(dirname \"$t\")\"; [ -e \"$t\" ] || : >\"$t\"; fi\n\
-                 mount --bind {host_q} \"$t\"\n"
-            );
+            view = view.bind(host, inside);
         }
         if sandbox.offline {
-            script += "chroot \"$m\" ip link set lo up\n";
+            view = view.loopback_only();
         }
-        script += "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n";
         if sandbox.pivot_root {
-            script += "cd \"$m\"\npivot_root . mnt\n";
-            script += "exec chroot . sh -c 'umount -l /mnt && cd / && exec \"$@\"' sh \"$@\"\n";
-        } else {
-            script += "exec chroot \"$m\" \"$@\"\n";
+            view = view.enter(exec::Enter::PivotRoot);
         }
-
-        let mut cmd = Command::new("unshare");
-        cmd.args(["--mount", "--propagation", "private"]);
-        if sandbox.offline {
-            cmd.arg("--net");
-        }
-        cmd.args(["sh", "-c", &script, "sh", program]).args(args);
-        cmd
+        let mut argv = vec![program];
+        argv.extend(args);
+        view.command(&argv)
+            .unwrap_or_else(|e| panic!("a command in the tools root: {e:#}"))
     }
 }
 
-/// A path as overlayfs options take it: they split on `,` and `:`.
-fn mount_option_path(path: &Path) -> String {
-    let text = path.to_str().expect("UTF-8 path").to_string();
-    assert!(
-        !text.contains([',', ':', '\'', '"', '\\', '$', '`'])
-            && !text.contains(char::is_whitespace),
-        "{text:?} cannot be an overlay layer"
-    );
-    text
-}
-
-/// A single-quoted shell word.
-fn quote(word: &OsStr) -> String {
-    format!("'{}'", word.to_string_lossy().replace('\'', "'\\''"))
+/// `target/tools`: the symlinks `cargo xtask tools` leaves (`current`,
+/// `postgres-next`, `host`, `venv`) and the commands' scratch directory.
+pub fn tools_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools")
 }

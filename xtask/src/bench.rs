@@ -276,7 +276,7 @@ fn run_pipeline(tree: &Path, compressor: &str, out: &Path) -> Result<Sample> {
     let _ = fs::remove_file(out);
     let script = format!(r#"{} > "$2""#, tar_cmd(compressor));
     measure(
-        Command::new("bash")
+        exec::command("bash")
             .args(["-o", "pipefail", "-c", &script, "bench"])
             .arg(tree)
             .arg(out)
@@ -289,7 +289,7 @@ fn run_pipeline(tree: &Path, compressor: &str, out: &Path) -> Result<Sample> {
 /// cache) and returns the size of the tar stream, the common denominator for MB/s.
 fn tar_stream_size(tree: &Path) -> Result<u64> {
     // Not `tar -cf /dev/null`: GNU tar notices /dev/null and skips reading file contents.
-    let out = Command::new("bash")
+    let out = exec::command("bash")
         .args(["-o", "pipefail", "-c", &tar_cmd("wc -c"), "bench"])
         .arg(tree)
         .stderr(Stdio::inherit())
@@ -332,7 +332,7 @@ fn prepare_builder(root: &Path, target: &Path, given: Option<&Path>) -> Result<P
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     eprintln!("bench: cargo build --release -p builder");
-    let status = Command::new(&cargo)
+    let status = exec::command(&cargo)
         .args(["build", "--release", "-p", "builder"])
         .current_dir(root)
         .stdout(Stdio::null())
@@ -347,7 +347,7 @@ fn prepare_builder(root: &Path, target: &Path, given: Option<&Path>) -> Result<P
 }
 
 fn check_pack(bin: PathBuf) -> Result<PathBuf, String> {
-    let help = Command::new(&bin)
+    let help = exec::command(&bin)
         .args(["pack", "--help"])
         .output()
         .map_err(|e| format!("running {}: {e}", bin.display()))?;
@@ -385,7 +385,7 @@ fn run_builder(
     let err_path = out_dir.join("builder.stderr");
     // Output goes to files, not pipes, so nothing has to drain them while we sit in wait4.
     let result = measure(
-        Command::new(bin)
+        exec::command(bin)
             .arg("pack")
             .arg(tree)
             .arg("--out")
@@ -498,7 +498,7 @@ fn sha256_of(path: &Path, gunzip: bool) -> Result<String> {
     } else {
         r#"sha256sum < "$1""#
     };
-    let out = Command::new("bash")
+    let out = exec::command("bash")
         .args(["-o", "pipefail", "-c", script, "bench"])
         .arg(path)
         .output()
@@ -541,7 +541,7 @@ fn debian_rootfs(bench_dir: &Path) -> Result<PathBuf> {
         PACKAGES.join(","),
         dir.display()
     );
-    let status = Command::new("mmdebstrap")
+    let status = exec::command("mmdebstrap")
         .arg(format!("--mode={mode}"))
         .arg(format!("--variant={VARIANT}"))
         .arg(format!("--include={}", PACKAGES.join(",")))
@@ -583,7 +583,7 @@ fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
     }
     eprintln!("bench: apt-get install -y {}", missing.join(" "));
     let install = || {
-        Command::new("apt-get")
+        exec::command("apt-get")
             .args(["install", "-y"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive")
@@ -592,7 +592,7 @@ fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
     let mut out = install().context("running apt-get (is this a Debian-like system?)")?;
     if !out.status.success() {
         eprintln!("bench: apt-get update (a package was not found)");
-        let _ = Command::new("apt-get").arg("update").output();
+        let _ = exec::command("apt-get").arg("update").output();
         out = install().context("running apt-get")?;
     }
     let still: Vec<&str> = tools

@@ -17,10 +17,9 @@
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, Result};
 
 use crate::vm::{Firmware, Vm};
 
@@ -61,11 +60,15 @@ pub fn run(args: &[String]) -> Result<()> {
         fs::create_dir_all(shared.join(sub))?;
         std::os::unix::fs::symlink(shared.join(sub), cache.join(sub))?;
     }
-    let status = Command::new(env!("CARGO"))
-        .current_dir(&repo)
-        .args(["build", "--release", "--locked", "--quiet"])
-        .status()?;
-    ensure!(status.success(), "cargo build --release failed");
+    exec::status(
+        exec::command(env!("CARGO")).current_dir(&repo).args([
+            "build",
+            "--release",
+            "--locked",
+            "--quiet",
+        ]),
+        "cargo build --release",
+    )?;
 
     let cold = build(&repo, &cache, &dir.join("out"))?;
     let warm = build(&repo, &cache, &dir.join("out"))?;
@@ -93,27 +96,26 @@ fn boot_times(repo: &Path) -> Result<()> {
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work)?;
     let key = work.join("id_ed25519");
-    let status = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&key)
-        .status()?;
-    ensure!(status.success(), "ssh-keygen failed");
+    exec::status(
+        exec::command("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&key),
+        "ssh-keygen",
+    )?;
     let pubkey = fs::read_to_string(key.with_extension("pub"))?;
     let out = work.join("out");
     // The tests' image cache: its images and disk tools root are likely there already.
     let cache = repo.join("target/test-image-cache");
-    let status = Command::new(repo.join("target/release/builder"))
-        .current_dir(repo)
-        .args(["--quiet", "build", "--profile", "vps-offline", "--out"])
-        .arg(&out)
-        .arg("--cache-dir")
-        .arg(&cache)
-        .args(["--set", &format!("ssh_authorized_keys={}", pubkey.trim())])
-        .status()?;
-    ensure!(
-        status.success(),
-        "builder build --profile vps-offline failed"
-    );
+    exec::status(
+        exec::command(repo.join("target/release/builder"))
+            .current_dir(repo)
+            .args(["--quiet", "build", "--profile", "vps-offline", "--out"])
+            .arg(&out)
+            .arg("--cache-dir")
+            .arg(&cache)
+            .args(["--set", &format!("ssh_authorized_keys={}", pubkey.trim())]),
+        "builder build --profile vps-offline",
+    )?;
     let raw = out.join("vps-offline.raw");
 
     let mut vm = Vm::new(&tools.root, &work, &key)?;
@@ -188,14 +190,14 @@ fn to_marker(vm: &Vm, qemu: &mut crate::vm::Qemu, marker: &str) -> Result<Durati
 
 fn build(repo: &Path, cache: &Path, out: &Path) -> Result<Duration> {
     let started = Instant::now();
-    let status = Command::new(repo.join("target/release/builder"))
-        .current_dir(repo)
-        .args(["--quiet", "build", "--profile", PROFILE, "--out"])
-        .arg(out)
-        .arg("--cache-dir")
-        .arg(cache)
-        .status()
-        .context("running builder")?;
-    ensure!(status.success(), "builder build --profile {PROFILE} failed");
+    exec::status(
+        exec::command(repo.join("target/release/builder"))
+            .current_dir(repo)
+            .args(["--quiet", "build", "--profile", PROFILE, "--out"])
+            .arg(out)
+            .arg("--cache-dir")
+            .arg(cache),
+        &format!("builder build --profile {PROFILE}"),
+    )?;
     Ok(started.elapsed())
 }

@@ -16,7 +16,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{anyhow, bail, Context, Result};
 
@@ -99,7 +98,7 @@ fn lock(dir: &Path, from_base: &BTreeMap<String, (String, String)>, tmp: &Path) 
     fs::create_dir_all(&wheels)?;
     fs::create_dir_all(&stubs)?;
     for (name, version) in from_base.values() {
-        let status = Command::new("python3")
+        let status = exec::command("python3")
             .args(["-c", STUB_WHEEL_PY])
             .arg(&stubs)
             .args([name, version])
@@ -110,7 +109,7 @@ fn lock(dir: &Path, from_base: &BTreeMap<String, (String, String)>, tmp: &Path) 
         }
     }
 
-    let mut pip = Command::new("python3");
+    let mut pip = exec::command("python3");
     pip.args(["-m", "pip", "download", "--disable-pip-version-check"])
         .args(["--only-binary=:all:", "--python-version", "3.13"])
         .args(["--implementation", "cp", "--abi", "cp313"]);
@@ -186,7 +185,7 @@ fn lock(dir: &Path, from_base: &BTreeMap<String, (String, String)>, tmp: &Path) 
 /// The sha256 of every wheel file PyPI publishes for NAME VERSION.
 fn pypi_wheel_hashes(name: &str, version: &str) -> Result<BTreeSet<String>> {
     let url = format!("https://pypi.org/simple/{name}/");
-    let output = Command::new("curl")
+    let output = exec::command("curl")
         .args(["-fsSL", "--retry", "3"])
         .args(["-H", "Accept: application/vnd.pypi.simple.v1+json"])
         .arg(&url)
@@ -227,7 +226,7 @@ fn pypi_wheel_hashes(name: &str, version: &str) -> Result<BTreeSet<String>> {
 }
 
 fn sha256(file: &Path) -> Result<String> {
-    let output = Command::new("sha256sum")
+    let output = exec::command("sha256sum")
         .arg(file)
         .output()
         .context("running sha256sum")?;

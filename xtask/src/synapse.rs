@@ -6,7 +6,6 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{anyhow, bail, Context, Result};
 
@@ -108,7 +107,7 @@ fn install_wheels(
     );
     let partial = dir.with_extension("partial");
     let _ = fs::remove_dir_all(&partial);
-    let status = Command::new("python3")
+    let status = exec::command("python3")
         .args([
             "-m",
             "pip",

@@ -2,8 +2,6 @@
 //! machine, then runs every test, the VM test last. This is the README's
 //! test command.
 
-use std::process::Command;
-
 use anyhow::{bail, Context, Result};
 
 /// Debian packages the tests drive for real: skopeo and umoci read the
@@ -18,20 +16,18 @@ pub fn run(args: &[String]) -> Result<()> {
     let synapse = crate::synapse::ensure(repo, &tools.root)?;
     let telegram = crate::synapse::ensure_telegram(repo, &tools.root)?;
     install_debian_packages(DEBIAN_PACKAGES)?;
-    let status = Command::new(env!("CARGO"))
-        .args(["test", "--workspace", "--locked"])
-        .env("BUILDER_TOOLS_ROOT", &tools.root)
-        .env("BUILDER_TOOLS_VENV", &tools.venv)
-        .env("BUILDER_POSTGRES_NEXT_ROOT", &tools.postgres_next)
-        .env("BUILDER_HOST_ROOT", &tools.host)
-        .env("BUILDER_SYNAPSE_DIR", &synapse)
-        .env("BUILDER_TELEGRAM_DIR", &telegram)
-        .args(args)
-        .status()
-        .context("running cargo test")?;
-    if !status.success() {
-        bail!("tests failed");
-    }
+    exec::status(
+        exec::command(env!("CARGO"))
+            .args(["test", "--workspace", "--locked"])
+            .env("BUILDER_TOOLS_ROOT", &tools.root)
+            .env("BUILDER_TOOLS_VENV", &tools.venv)
+            .env("BUILDER_POSTGRES_NEXT_ROOT", &tools.postgres_next)
+            .env("BUILDER_HOST_ROOT", &tools.host)
+            .env("BUILDER_SYNAPSE_DIR", &synapse)
+            .env("BUILDER_TELEGRAM_DIR", &telegram)
+            .args(args),
+        "tests",
+    )?;
     // The disk image booted under qemu (level 4 of the tests); skipped when
     // arguments select particular cargo tests.
     if args.is_empty() {
@@ -41,7 +37,7 @@ pub fn run(args: &[String]) -> Result<()> {
 }
 
 fn installed(package: &str) -> bool {
-    Command::new("dpkg-query")
+    exec::command("dpkg-query")
         .args(["-W", "-f", "${Status}", package])
         .output()
         .is_ok_and(|o| o.stdout.ends_with(b"install ok installed"))
@@ -53,7 +49,7 @@ pub fn install_debian_packages(packages: &[&str]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    let is_root = Command::new("id")
+    let is_root = exec::command("id")
         .arg("-u")
         .output()
         .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
@@ -66,7 +62,7 @@ pub fn install_debian_packages(packages: &[&str]) -> Result<()> {
     }
     eprintln!("xtask: installing {}", missing.join(" "));
     let apt = |args: &[&str]| {
-        Command::new("apt-get")
+        exec::command("apt-get")
             .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .status()
@@ -90,13 +86,11 @@ pub fn pin_minimal(args: &[String]) -> Result<()> {
     if !args.is_empty() {
         bail!("usage: cargo xtask pin-minimal");
     }
-    let status = Command::new(env!("CARGO"))
-        .args(["test", "--locked", "--test", "pinned"])
-        .env("BUILDER_WRITE_PIN", "1")
-        .status()
-        .context("running cargo test --test pinned")?;
-    if !status.success() {
-        bail!("writing the pin failed");
-    }
+    exec::status(
+        exec::command(env!("CARGO"))
+            .args(["test", "--locked", "--test", "pinned"])
+            .env("BUILDER_WRITE_PIN", "1"),
+        "writing the pin",
+    )?;
     Ok(())
 }

@@ -15,7 +15,7 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -223,7 +223,7 @@ fn ensure_root(dir: &Path, spec: &RootSpec) -> Result<PathBuf> {
 fn build_root(dir: &Path, spec: &RootSpec, name: &str, root: &Path) -> Result<()> {
     let suite = spec.suite;
     clean_stale(dir, &format!(".tmp-{suite}-"))?;
-    if Command::new("mmdebstrap")
+    if exec::command("mmdebstrap")
         .arg("--version")
         .output()
         .is_err()
@@ -237,7 +237,7 @@ fn build_root(dir: &Path, spec: &RootSpec, name: &str, root: &Path) -> Result<()
         spec.packages.join(" ")
     );
     let started = Instant::now();
-    let mut cmd = Command::new("mmdebstrap");
+    let mut cmd = exec::command("mmdebstrap");
     cmd.args(["--variant=apt", "--mode=root", "--format=directory"])
         .arg(format!("--include={}", spec.packages.join(",")));
     for hook in spec.hooks {
@@ -255,7 +255,7 @@ fn build_root(dir: &Path, spec: &RootSpec, name: &str, root: &Path) -> Result<()
         );
     }
     // A list of what is inside, for the reader and for bug reports.
-    let versions = Command::new("chroot")
+    let versions = exec::command("chroot")
         .arg(&tmp)
         .args(["dpkg-query", "-W", "-f", "${Package} ${Version}\\n"])
         .output()
@@ -272,7 +272,7 @@ fn build_root(dir: &Path, spec: &RootSpec, name: &str, root: &Path) -> Result<()
 }
 
 fn ensure_venv(dir: &Path) -> Result<PathBuf> {
-    let python = Command::new("python3")
+    let python = exec::command("python3")
         .args(["-c", "import sys; print(sys.version.split()[0])"])
         .output()
         .context("running python3 (install python3 and python3-venv)")?;
@@ -294,7 +294,7 @@ fn ensure_venv(dir: &Path) -> Result<PathBuf> {
             PYPI_PACKAGES.join(" ")
         );
         let started = Instant::now();
-        let made = Command::new("python3")
+        let made = exec::command("python3")
             .args(["-m", "venv"])
             .arg(&venv)
             .status()
@@ -302,7 +302,7 @@ fn ensure_venv(dir: &Path) -> Result<PathBuf> {
         if !made.success() {
             let _ = fs::remove_dir_all(&venv);
             crate::test::install_debian_packages(&["python3-venv"])?;
-            if !Command::new("python3")
+            if !exec::command("python3")
                 .args(["-m", "venv"])
                 .arg(&venv)
                 .status()?
@@ -311,7 +311,7 @@ fn ensure_venv(dir: &Path) -> Result<PathBuf> {
                 bail!("python3 -m venv {} failed", venv.display());
             }
         }
-        let pip = Command::new(venv.join("bin/pip"))
+        let pip = exec::command(venv.join("bin/pip"))
             .args([
                 "install",
                 "--quiet",
@@ -361,7 +361,7 @@ fn clean_stale(dir: &Path, prefix: &str) -> Result<()> {
 }
 
 fn sha256_hex(data: &[u8]) -> Result<String> {
-    let mut child = Command::new("sha256sum")
+    let mut child = exec::command("sha256sum")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()

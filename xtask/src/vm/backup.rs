@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
-use super::{free_port, in_private_mounts, in_tools, Disk, Firmware, Vm, BACKUP_HOST};
+use super::{free_port, in_tools, Disk, Firmware, Vm, BACKUP_HOST};
 
 /// `restic-rest-server` from the tools root on 127.0.0.1, its repositories
 /// in `work/backup-rest`; stopped when dropped.
@@ -22,9 +22,9 @@ impl RestServer {
         std::fs::create_dir_all(work.join("backup-rest"))?;
         let port = free_port()?;
         let command = format!(
-            "restic-rest-server --path /work/backup-rest --listen 127.0.0.1:{port} --no-auth"
+            "exec restic-rest-server --path /work/backup-rest --listen 127.0.0.1:{port} --no-auth"
         );
-        let child = in_private_mounts(&in_tools(tools, work, &command))
+        let child = in_tools(tools, work, &command)?
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(work.join("rest-server.log"))?)
             .stderr(Stdio::inherit())

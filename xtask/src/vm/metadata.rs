@@ -56,13 +56,13 @@ impl Vm {
             ),
         )?;
         let _ = fs::remove_file(self.work.join(SEED));
-        let script = self.in_tools_root(&format!(
-            "sh -c 'mkfs.vfat -n CIDATA -C /work/{SEED} 1024 >/dev/null && \
+        let script = format!(
+            "mkfs.vfat -n CIDATA -C /work/{SEED} 1024 >/dev/null && \
              mcopy -i /work/{SEED} /work/seed/meta-data /work/seed/user-data \
-             /work/seed/network-config ::/'"
-        ));
-        run_ok(
-            &mut in_private_mounts(&script),
+             /work/seed/network-config ::/"
+        );
+        exec::run(
+            &mut self.in_tools_root(&script)?,
             "making the NoCloud seed disk",
         )?;
         self.seed = true;

@@ -73,6 +73,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use base64::{engine::general_purpose::STANDARD as BASE64, Engine as _};
+use exec::Sandbox;
 use serde_json::{json, Value};
 
 use checks::*;
@@ -135,8 +136,8 @@ pub fn run(args: &[String]) -> Result<()> {
     let started = Instant::now();
     let build = |out: &str, extra: &[&str]| -> Result<PathBuf> {
         let out = work.join(out);
-        run_ok(
-            Command::new(env!("CARGO"))
+        exec::status(
+            exec::command(env!("CARGO"))
                 .current_dir(&repo)
                 .args(["run", "--release", "--locked", "--quiet", "--", "build"])
                 // The integration tests' epoch: the local images they built
@@ -293,10 +294,9 @@ pub fn run(args: &[String]) -> Result<()> {
         "vm-test: BIOS reboot into the update (on trial) ready in {:.0?}",
         second
     );
-    vm.check_system()?;
     vm.check_same_machine(&before)?;
     vm.check_matrix(Some(&room))?;
-    let updated = CheckInside {
+    let updated = AfterUpdate {
         room: &room,
         identity_sha: &before_sha,
         upload_limit: "77M",
@@ -305,7 +305,8 @@ pub fn run(args: &[String]) -> Result<()> {
         failed: "",
         stale_image: STALE_IMAGE,
     };
-    vm.check_over_ssh(&updated)?;
+    // vm-check.sh: its system part (check_system on the first boot) too.
+    vm.check_over_ssh(&CheckInside::after_update(updated))?;
     eprintln!("vm-test: the update passed its health gate and was kept; data and identity intact");
     vm.check_postgres_moved()?;
     vm.check_from_refusal()?;
@@ -338,12 +339,12 @@ pub fn run(args: &[String]) -> Result<()> {
     // which checks itself from the inside (no SSH: a unit passed in as
     // credentials checks, says so on the console and powers the VM off).
     vm.make_disk_raw()?;
-    let fallback = CheckInside {
+    let fallback = CheckInside::after_update(AfterUpdate {
         previous: BROKEN_VERSION,
         failed: BROKEN_VERSION,
         stale_image: "",
         ..updated
-    };
+    });
     // Its unified kernel image with one try left, as after two failed
     // tries (each try costs a boot: one shows the counting and the fallback).
     vm.set_uki_trial(&first_image, BROKEN_VERSION, 1)?;
@@ -373,8 +374,8 @@ pub fn run(args: &[String]) -> Result<()> {
 
 /// A new SSH key pair at `path` (no passphrase); its public key.
 fn ssh_key(path: &Path, comment: &str) -> Result<String> {
-    run_ok(
-        Command::new("ssh-keygen")
+    exec::status(
+        exec::command("ssh-keygen")
             .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
             .arg(path),
         "ssh-keygen",
@@ -400,17 +401,11 @@ fn repo() -> PathBuf {
 }
 
 fn sha256(path: &Path) -> Result<String> {
-    let out = Command::new("sha256sum").arg(path).output()?;
+    let out = exec::command("sha256sum").arg(path).output()?;
     ensure!(out.status.success(), "sha256sum {} failed", path.display());
     Ok(String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .next()
         .unwrap_or_default()
         .to_string())
-}
-
-fn run_ok(cmd: &mut Command, what: &str) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("running {what}"))?;
-    ensure!(status.success(), "{what} failed ({status})");
-    Ok(())
 }

@@ -31,7 +31,7 @@ pub(crate) struct Vm {
 
 /// ssh as root into the VM (through the forwarded port) running `command`.
 pub(super) fn ssh_command(key: &Path, port: u16, command: &str) -> Command {
-    let mut cmd = Command::new("ssh");
+    let mut cmd = exec::command("ssh");
     cmd.arg("-i").arg(key).args([
         "-o",
         "StrictHostKeyChecking=no",
@@ -51,14 +51,14 @@ pub(super) fn ssh_command(key: &Path, port: u16, command: &str) -> Command {
     cmd
 }
 
-/// See [`Vm::in_tools_root`].
-pub(super) fn in_tools(tools: &Path, work: &Path, command: &str) -> String {
-    format!(
-        "set -e\nmount -t proc proc {t}/proc\nmount --rbind /dev {t}/dev\nmkdir -p {t}/work\n\
-         mount --bind {w} {t}/work\nexec chroot {t} {command}",
-        t = tools.display(),
-        w = work.display()
-    )
+/// `sh -c script` in the tools root, with the work directory at /work
+/// (and as the working directory); it dies with the returned command.
+pub(super) fn in_tools(tools: &Path, work: &Path, script: &str) -> Result<Command> {
+    Sandbox::new(tools)
+        .bind(work, "/work")
+        .workdir("/work")
+        .dies_with_parent()
+        .command(&["sh", "-c", script])
 }
 
 /// A running qemu, killed when dropped (a failed check leaves no VM behind).
@@ -71,23 +71,6 @@ impl Drop for Qemu {
             let _ = self.0.wait();
         }
     }
-}
-
-/// `sh -c script` in a private mount namespace (the tools root's mounts stay
-/// there); its child dies with it.
-pub(super) fn in_private_mounts(script: &str) -> Command {
-    let mut cmd = Command::new("unshare");
-    cmd.args([
-        "--mount",
-        "--propagation",
-        "private",
-        "--fork",
-        "--kill-child",
-        "sh",
-        "-c",
-        script,
-    ]);
-    cmd
 }
 
 /// The VM's disk in the work directory.
@@ -135,13 +118,17 @@ pub(super) fn kvm_boots(tools: &Path) -> bool {
     let serial = tools.join("tmp/vm-test-kvm-probe.log");
     let _ = fs::remove_file(&serial);
     let script = format!(
-        "mount -t proc proc {t}/proc && mount --rbind /dev {t}/dev && exec chroot {t} \
-         qemu-system-x86_64 {MACHINE} -accel kvm -nographic -display none -no-reboot \
+        "exec qemu-system-x86_64 {MACHINE} -accel kvm -nographic -display none -no-reboot \
          -drive if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd \
-         -serial file:/tmp/vm-test-kvm-probe.log -monitor none",
-        t = tools.display()
+         -serial file:/tmp/vm-test-kvm-probe.log -monitor none"
     );
-    let Ok(mut child) = in_private_mounts(&script)
+    let Ok(mut probe) = Sandbox::new(tools)
+        .dies_with_parent()
+        .command(&["sh", "-c", &script])
+    else {
+        return false;
+    };
+    let Ok(mut child) = probe
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -208,8 +195,8 @@ impl Vm {
             return Ok(());
         }
         let disk = self.work.join(Disk::Raw.file());
-        run_ok(
-            Command::new("cp")
+        exec::status(
+            exec::command("cp")
                 .arg("--sparse=always")
                 .arg(image)
                 .arg(&disk),
@@ -241,15 +228,15 @@ impl Vm {
 
     /// `qemu-img ARGS` from the tools root, in the work directory.
     pub(super) fn qemu_img(&self, args: &str) -> Result<()> {
-        let script = self.in_tools_root(&format!("sh -c 'cd /work && exec qemu-img {args}'"));
-        run_ok(&mut in_private_mounts(&script), &format!("qemu-img {args}"))
+        exec::run(
+            &mut self.in_tools_root(&format!("exec qemu-img {args}"))?,
+            &format!("qemu-img {args}"),
+        )
     }
 
-    /// A script that runs `command` chrooted in the tools root, with /proc,
-    /// /dev and the work directory (as /work) mounted there; for
-    /// [`in_private_mounts`], so the mounts stay in its namespace.
-    pub(super) fn in_tools_root(&self, command: &str) -> String {
-        in_tools(&self.tools, &self.work, command)
+    /// `sh -c script` in the tools root, the work directory at /work.
+    pub(super) fn in_tools_root(&self, script: &str) -> Result<Command> {
+        in_tools(&self.tools, &self.work, script)
     }
 
     pub(crate) fn boot(&self, firmware: Firmware) -> Result<Qemu> {
@@ -336,7 +323,7 @@ impl Vm {
             (String::new(), "")
         };
         let qemu = format!(
-            "qemu-system-x86_64 {MACHINE} -accel {accel} \
+            "exec qemu-system-x86_64 {MACHINE} -accel {accel} \
              -nographic {no_reboot} {firmware_args} \
              -drive if=virtio,file=/work/{disk},format={format}{seed} \
              -netdev 'user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{}-{guest}:22,hostfwd=tcp:127.0.0.1:{}-{guest}:443,hostfwd=tcp:127.0.0.1:{}-{guest}:{PROBE_PORT}{guestfwd}' \
@@ -349,7 +336,7 @@ impl Vm {
             Firmware::Bios => "BIOS",
         };
         eprintln!("vm: booting with {how} ({accel})");
-        in_private_mounts(&self.in_tools_root(&qemu))
+        self.in_tools_root(&qemu)?
             .stdin(Stdio::null())
             .stdout(fs::File::create(self.work.join("qemu.log"))?)
             .stderr(Stdio::inherit())

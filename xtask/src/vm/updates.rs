@@ -18,8 +18,8 @@ pub(super) fn build_broken(
     let _ = fs::remove_dir_all(&project);
     fs::create_dir_all(&project)?;
     for dir in ["layers", "profiles", "images"] {
-        run_ok(
-            Command::new("cp")
+        exec::status(
+            exec::command("cp")
                 .arg("-a")
                 .arg(repo().join(dir))
                 .arg(&project),
@@ -77,8 +77,8 @@ pub(super) fn gpg(tools: &Path, work: &Path, key: &str, args: &str) -> Result<()
         "gpg --homedir /work/keys/{key} --batch --quiet --pinentry-mode loopback --passphrase '' \
          --faked-system-time {KEYS_EPOCH}! {args}"
     );
-    run_ok(
-        &mut in_private_mounts(&in_tools(tools, work, &format!("sh -c \"{command}\""))),
+    exec::status(
+        &mut in_tools(tools, work, &command)?,
         &format!("gpg {args}"),
     )
 }
@@ -139,12 +139,12 @@ pub(super) fn wrongly_signed_copy(tools: &Path, work: &Path, update: &Path) -> R
 /// gpg leaves an agent running per home: stopped, so none outlives the test.
 pub(super) fn stop_gpg_agents(tools: &Path, work: &Path) -> Result<()> {
     for key in ["a", "b"] {
-        run_ok(
-            &mut in_private_mounts(&in_tools(
+        exec::status(
+            &mut in_tools(
                 tools,
                 work,
                 &format!("gpgconf --homedir /work/keys/{key} --kill all"),
-            )),
+            )?,
             "gpgconf --kill all",
         )?;
     }
@@ -321,8 +321,10 @@ impl Vm {
             Disk::Raw.file(),
             self.esp_offset(manifest_dir)?
         );
-        let script = self.in_tools_root(&command.replace("IMG", &image));
-        run_ok(&mut in_private_mounts(&script), what)
+        exec::run(
+            &mut self.in_tools_root(&command.replace("IMG", &image))?,
+            what,
+        )
     }
 
     /// Writes GRUB's environment block on the (raw) disk's ESP from the host
