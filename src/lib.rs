@@ -34,6 +34,7 @@ pub(crate) mod progress;
 pub(crate) mod project;
 pub(crate) mod render;
 pub(crate) mod template;
+pub mod tools_root;
 pub(crate) mod tree;
 pub(crate) mod values;
 pub(crate) mod verify;

@@ -603,3 +603,50 @@ fn a_json_condition_needs_its_document_and_declared_values() {
         &["[json_when.\"etc/doc\"] uses flag, which the layer does not declare"],
     );
 }
+
+/// A tools root named by `BUILDER_TOOLS_ROOT` that is missing, or lacks
+/// the disk tools, stops a disk build before anything is built, naming the
+/// root, what it lacks and both ways out.
+#[test]
+fn a_named_tools_root_without_the_disk_tools_is_refused_first() {
+    let p = Project::copy_of_repo();
+    let missing = p.dir.path().join("no-such-root");
+    let partial = p.dir.path().join("partial-root");
+    std::fs::create_dir_all(partial.join("var/lib/dpkg")).unwrap();
+    std::fs::write(
+        partial.join("var/lib/dpkg/status"),
+        "Package: systemd\nStatus: install ok installed\nVersion: 257\n",
+    )
+    .unwrap();
+    for (root, needles) in [
+        (
+            &missing,
+            &["names no directory", "no-such-root", "unset it"][..],
+        ),
+        (
+            &partial,
+            &[
+                "lacks packages the disk image needs",
+                "erofs-utils",
+                "cargo xtask tools",
+                "unset BUILDER_TOOLS_ROOT",
+            ][..],
+        ),
+    ] {
+        let o = p
+            .command(&["build", "--profile", "vps", "--output", "disk"])
+            .env("BUILDER_TOOLS_ROOT", root)
+            .output()
+            .unwrap();
+        assert_exit(&o, 1);
+        let err = stderr(&o);
+        for n in needles {
+            assert!(err.contains(n), "missing {n:?} in:\n{err}");
+        }
+        assert!(
+            !err.contains("systemd,"),
+            "an installed package named as lacking:\n{err}"
+        );
+        assert!(p.out_files().is_empty(), "out/ has {:?}", p.out_files());
+    }
+}

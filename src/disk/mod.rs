@@ -57,14 +57,16 @@ pub struct DiskImages {
 pub const UPDATE_DIR: &str = "update";
 
 /// What a disk build needs before anything else is done: a valid
-/// images/disk.toml, root and mmdebstrap. Fails fast with the fix.
+/// images/disk.toml, root, mmdebstrap and, if one is named, a complete
+/// tools root. Fails fast with the fix.
 pub fn preflight(project: &Project) -> Result<()> {
     spec::load(project)?;
     chroot::require_root(
         "building a disk image",
         "build only the bundle (--output bundle)",
     )?;
-    crate::debian::require_mmdebstrap("building a disk image")
+    crate::debian::require_mmdebstrap("building a disk image")?;
+    tools::given_root().map(drop)
 }
 
 /// Builds the disk image of `plan` from the merged tree of its layers

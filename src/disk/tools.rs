@@ -1,41 +1,20 @@
-//! The tools root: a Debian trixie tree with the programs that make the
-//! disk image (systemd-repart, mkfs.*, GRUB's BIOS installer,
-//! systemd-boot, qemu-img), so the host needs only mmdebstrap: its own
-//! systemd may be too old to partition offline. Cached by package set.
+//! The tools root the disk image is made with: tools.toml's `disk` root
+//! (systemd-repart, mkfs.*, GRUB's BIOS installer, systemd-boot, qemu-img),
+//! so the host needs only mmdebstrap: its own systemd may be too old to
+//! partition offline.
 
+use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
-
+use anyhow::{bail, Context, Result};
 use exec::Sandbox;
 
-use crate::cache::{Cache, Key};
-use crate::debian::{self, SUITE};
+use crate::cache::Cache;
 use crate::progress::Progress;
+use crate::tools_root;
 
-/// Bump when something not listed below changes what the root holds.
-const VERSION: &str = "3";
-
-const PACKAGES: &[&str] = &[
-    "systemd",
-    "systemd-repart",
-    "systemd-boot-efi",
-    "grub-pc-bin",
-    "grub2-common",
-    "dosfstools",
-    "mtools",
-    "e2fsprogs",
-    "erofs-utils",
-    "fdisk",
-    "qemu-utils",
-    // unpacks embedded images into the disk's image store (containers-storage)
-    "skopeo",
-    // the unified kernel image systemd-boot starts
-    "systemd-ukify",
-    // signs update/SHA256SUMS (build --sign-key)
-    "gpg",
-    "gpg-agent",
-];
+/// A prepared tools root to use instead of building one.
+const ROOT_ENV: &str = "BUILDER_TOOLS_ROOT";
 
 pub struct Tools {
     pub root: PathBuf,
@@ -70,34 +49,39 @@ impl Tools {
     }
 }
 
-pub fn ensure(cache: &Cache, epoch: u64, progress: &mut Progress) -> Result<Tools> {
-    let mirror = debian::mirror();
-    let mut key = Key::new("builder disk tools", 0);
-    key.add(VERSION.as_bytes())
-        .add(SUITE.as_bytes())
-        .add(mirror.as_bytes())
-        .add(PACKAGES.join(" ").as_bytes());
-    let dir = cache.dir_or_build("disk-tools", &key.finish(), |dir: &Path| {
-        progress.note(&format!(
-            "disk: making the {SUITE} tools root ({}) with mmdebstrap",
-            PACKAGES.join(", ")
-        ));
-        let packages: Vec<String> = PACKAGES.iter().map(|p| p.to_string()).collect();
-        debian::mmdebstrap(
-            &debian::Bootstrap {
-                what: "the disk image's tools root",
-                suite: SUITE,
-                variant: "apt",
-                packages: &packages,
-                hooks: Vec::new(),
-                target: &dir.join("root"),
-                work: dir,
-                epoch,
-            },
-            cache,
+/// The tools root `BUILDER_TOOLS_ROOT` names (the tests', say), once it is
+/// checked to hold tools.toml's `disk` packages; `None` when it is unset.
+pub fn given_root() -> Result<Option<PathBuf>> {
+    let Some(given) = std::env::var_os(ROOT_ENV).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    let root = fs::canonicalize(&given).with_context(|| {
+        format!(
+            "{ROOT_ENV}={} names no directory: point it at a tools root, or unset it",
+            Path::new(&given).display()
         )
     })?;
+    let spec = tools_root::spec("disk")?;
+    let missing = tools_root::missing_packages(&root, &spec.packages)?;
+    if !missing.is_empty() {
+        bail!(
+            "the tools root {ROOT_ENV}={} lacks packages the disk image needs: {}; \
+             rebuild it (`cargo xtask tools`) or unset {ROOT_ENV}",
+            root.display(),
+            missing.join(", ")
+        );
+    }
+    Ok(Some(root))
+}
+
+/// The tools root [`given_root`] names, else tools.toml's `disk` root,
+/// built into the cache if missing.
+pub fn ensure(cache: &Cache, epoch: u64, progress: &mut Progress) -> Result<Tools> {
+    if let Some(root) = given_root()? {
+        return Ok(Tools { root });
+    }
+    let spec = tools_root::spec("disk")?;
     Ok(Tools {
-        root: dir.join("root"),
+        root: tools_root::ensure_in(cache, &spec, epoch, progress)?,
     })
 }

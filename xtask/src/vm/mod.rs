@@ -147,6 +147,8 @@ pub fn run(args: &[String]) -> Result<()> {
                 .arg(&out)
                 .arg("--cache-dir")
                 .arg(repo.join("target/test-image-cache"))
+                // The tests' tools root (a superset of the disk's): one root.
+                .env("BUILDER_TOOLS_ROOT", &tools.root)
                 .args(["--set", &format!("server_name={SERVER_NAME}")])
                 .args(["--set", "tls_mode=internal"])
                 .args(["--set", &format!("ssh_authorized_keys={}", pubkey.trim())])
