@@ -81,3 +81,64 @@ fn the_local_image_refuses_a_cluster_of_another_major_and_changes_nothing() {
         );
     }
 }
+
+/// The server the entrypoint becomes (a stand-in `postgres` first in PATH
+/// that prints its environment; initdb runs Debian's real one) has no
+/// password in its environment: initdb read it from the root-only file.
+#[test]
+fn the_server_gets_no_password_in_its_environment() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let tools = ToolsRoot::get();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let entrypoint = repo.join(ENTRYPOINT);
+    let data = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let password = "a-password-of-16-chars";
+    let secret = dir.path().join("postgres-password");
+    fs::write(&secret, format!("{password}\n")).unwrap();
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+    let bin = dir.path().join("bin");
+    fs::create_dir(&bin).unwrap();
+    fs::write(
+        bin.join("postgres"),
+        "#!/bin/sh\nexec cat /proc/self/environ\n",
+    )
+    .unwrap();
+    fs::set_permissions(bin.join("postgres"), fs::Permissions::from_mode(0o755)).unwrap();
+    let o = tools
+        .command(
+            &[
+                (&entrypoint, "/usr/local/bin/docker-entrypoint.sh"),
+                (data.path(), "/var/lib/postgresql/data"),
+                (&secret, "/run/secrets/postgres-password"),
+                (&bin, "/opt/stand-in"),
+            ],
+            "env",
+            &[
+                "PATH=/opt/stand-in:/usr/lib/postgresql/17/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "PGDATA=/var/lib/postgresql/data",
+                "POSTGRES_PASSWORD_FILE=/run/secrets/postgres-password",
+                "/usr/local/bin/docker-entrypoint.sh",
+                "postgres",
+            ],
+        )
+        .output()
+        .unwrap();
+    assert_exit(&o, 0);
+    assert!(
+        data.path().join("PG_VERSION").exists(),
+        "initdb made no cluster"
+    );
+    let environ = String::from_utf8_lossy(&o.stdout);
+    let vars: Vec<&str> = environ.split('\0').filter(|v| !v.is_empty()).collect();
+    assert!(
+        vars.iter().any(|v| v.starts_with("PGDATA=")),
+        "not the server's environment: {vars:?}"
+    );
+    assert!(
+        !vars
+            .iter()
+            .any(|v| v.starts_with("POSTGRES_PASSWORD=") || v.contains(password)),
+        "the server's environment holds the password"
+    );
+}
