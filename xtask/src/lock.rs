@@ -98,15 +98,13 @@ fn lock(dir: &Path, from_base: &BTreeMap<String, (String, String)>, tmp: &Path) 
     fs::create_dir_all(&wheels)?;
     fs::create_dir_all(&stubs)?;
     for (name, version) in from_base.values() {
-        let status = exec::command("python3")
-            .args(["-c", STUB_WHEEL_PY])
-            .arg(&stubs)
-            .args([name, version])
-            .status()
-            .context("running python3")?;
-        if !status.success() {
-            bail!("could not write a stand-in wheel for {name}=={version}");
-        }
+        exec::status(
+            exec::command("python3")
+                .args(["-c", STUB_WHEEL_PY])
+                .arg(&stubs)
+                .args([name, version]),
+            &format!("writing a stand-in wheel for {name}=={version}"),
+        )?;
     }
 
     let mut pip = exec::command("python3");

@@ -107,44 +107,39 @@ fn install_wheels(
     );
     let partial = dir.with_extension("partial");
     let _ = fs::remove_dir_all(&partial);
-    let status = exec::command("python3")
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--only-binary=:all:",
-        ])
-        .args(["--python-version", &format!("{}.{}", &py[..1], &py[1..])])
-        .args([
-            "--implementation",
-            "cp",
-            "--abi",
-            &format!("cp{py}"),
-            "--abi",
-            "abi3",
-            "--abi",
-            "none",
-        ])
-        .args([
-            "--platform",
-            "manylinux_2_28_x86_64",
-            "--platform",
-            "manylinux_2_17_x86_64",
-        ])
-        .args(["--platform", "manylinux2014_x86_64", "--platform", "any"])
-        .arg("--target")
-        .arg(&partial)
-        .args(requirements)
-        .status()
-        .context("running pip")?;
-    if !status.success() {
-        bail!(
-            "pip could not install {} for CPython {py}",
-            requirements.join(" ")
-        );
-    }
+    exec::status(
+        exec::command("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--only-binary=:all:",
+            ])
+            .args(["--python-version", &format!("{}.{}", &py[..1], &py[1..])])
+            .args([
+                "--implementation",
+                "cp",
+                "--abi",
+                &format!("cp{py}"),
+                "--abi",
+                "abi3",
+                "--abi",
+                "none",
+            ])
+            .args([
+                "--platform",
+                "manylinux_2_28_x86_64",
+                "--platform",
+                "manylinux_2_17_x86_64",
+            ])
+            .args(["--platform", "manylinux2014_x86_64", "--platform", "any"])
+            .arg("--target")
+            .arg(&partial)
+            .args(requirements),
+        &format!("pip installing {} for CPython {py}", requirements.join(" ")),
+    )?;
     fs::write(partial.join(".complete"), "")?;
     fs::rename(&partial, &dir)?;
     Ok(dir)

@@ -156,19 +156,17 @@ fn ensure_venv(dir: &Path) -> Result<PathBuf> {
                 bail!("python3 -m venv {} failed", venv.display());
             }
         }
-        let pip = exec::command(venv.join("bin/pip"))
-            .args([
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--only-binary=:all:",
-            ])
-            .args(PYPI_PACKAGES)
-            .status()
-            .context("running pip")?;
-        if !pip.success() {
-            bail!("pip could not install {}", PYPI_PACKAGES.join(" "));
-        }
+        exec::status(
+            exec::command(venv.join("bin/pip"))
+                .args([
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "--only-binary=:all:",
+                ])
+                .args(PYPI_PACKAGES),
+            &format!("pip installing {}", PYPI_PACKAGES.join(" ")),
+        )?;
         fs::write(&done, key)?;
         eprintln!(
             "xtask: venv ready in {:.0?}: {}",
