@@ -70,6 +70,14 @@ pub fn ensure() -> Result<Tools> {
     // One builder at a time (two `cargo xtask test` runs may start together:
     // the cache would let both build a root, and keep one).
     let _lock = Lock::take(&dir.join(".lock"))?;
+    // The roots are mmdebstrap's work (the builder's code runs it).
+    if exec::command("mmdebstrap")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        crate::test::install_debian_packages(&["mmdebstrap"])?;
+    }
     let [root, postgres_next, host] = ROOTS.map(|(name, link)| ensure_root(&dir, name, link));
     let (root, postgres_next, host) = (root?, postgres_next?, host?);
     let venv = ensure_venv(&dir)?;
@@ -91,13 +99,6 @@ fn tools_dir() -> PathBuf {
 /// tools.toml's root `name`, built (by the builder's own code) into the
 /// tests' image cache if missing, and named by `dir/link`.
 fn ensure_root(dir: &Path, name: &str, link: &str) -> Result<PathBuf> {
-    if exec::command("mmdebstrap")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        crate::test::install_debian_packages(&["mmdebstrap"])?;
-    }
     let repo = dir
         .parent()
         .and_then(Path::parent)
