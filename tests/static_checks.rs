@@ -675,7 +675,19 @@ impl ProxyView {
             format!("127.0.0.1 localhost {}\n::1 localhost\n", names.join(" ")),
         )
         .unwrap();
-        binds.push((hosts, "/etc/hosts".into()));
+        // os-debian's /etc/hosts is a link into /usr (the appliance extension): bind over
+        // the file it names.
+        let hosts_at = match fs::read_link(r.tree.join("etc/hosts")) {
+            Ok(target) => {
+                let target = target.to_string_lossy().into_owned();
+                match target.strip_prefix("../") {
+                    Some(rest) => format!("/{rest}"),
+                    None => target,
+                }
+            }
+            Err(_) => "/etc/hosts".to_string(),
+        };
+        binds.push((hosts, hosts_at));
 
         let mut view = ProxyView {
             sandbox: Sandbox {

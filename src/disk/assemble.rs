@@ -10,7 +10,6 @@ use anyhow::{anyhow, Context, Result};
 
 use super::base::Base;
 use super::image_store;
-use super::spec::DiskSpec;
 use super::tools::Tools;
 use crate::chroot;
 use crate::images::PlannedImage;
@@ -36,15 +35,16 @@ pub struct Staged {
     pub initrd: std::path::PathBuf,
 }
 
-/// Stages `scratch/root`: the base, the layers, the image store, units
+/// Stages `scratch/root`: the base, the layers' files outside the extension
+/// (`tree`), the image store, `units`
 /// enabled, the initramfs made, os-release naming this image's version;
 /// the kernel and initramfs moved to `scratch/kernel/`.
 #[allow(clippy::too_many_arguments)]
 pub fn stage(
-    spec: &DiskSpec,
     base: &Base,
     tools: &Tools,
-    merged: &Tree,
+    tree: &Tree,
+    units: &[&String],
     embedded: &[&PlannedImage],
     scratch: &Path,
     epoch: u64,
@@ -52,11 +52,10 @@ pub fn stage(
 ) -> Result<Staged> {
     let root = scratch.join("root");
     copy_tree(&base.root, &root)?;
-    merged
-        .write_to(&root)
-        .context("laying the layers over the base")?;
+    tree.write_to(&root)
+        .context("laying the layers' OS files over the base")?;
     image_store::make(tools, &root, embedded, scratch, epoch)?;
-    configure(spec, &root, epoch)?;
+    configure(&root, units, epoch)?;
     name_the_image(&root, version)?;
     let kernel = kernel_version(&root)?;
     let staged = take_kernel(&root, &scratch.join("kernel"), kernel)?;
@@ -94,12 +93,12 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
     )
 }
 
-/// Enables the image's units and makes the initramfs (with the layers'
+/// Enables `units` and makes the initramfs (with the layers'
 /// initramfs-tools settings), inside the root.
-fn configure(spec: &DiskSpec, root: &Path, epoch: u64) -> Result<()> {
+fn configure(root: &Path, units: &[&String], epoch: u64) -> Result<()> {
     let mut script = String::from("set -e\n");
-    if !spec.base.enable.is_empty() {
-        let units: Vec<String> = spec.base.enable.iter().map(exec::shell_quote).collect();
+    if !units.is_empty() {
+        let units: Vec<String> = units.iter().map(exec::shell_quote).collect();
         script += &format!("systemctl enable --quiet {}\n", units.join(" "));
     }
     script += "update-initramfs -u -k all\n";

@@ -9,10 +9,12 @@
 //! | 2 | BIOS boot | GRUB's core image (legacy BIOS) |
 //! | 3 | root slot A (erofs) | this version's read-only OS and appliance (`appliance_<version>`) |
 //! | 4 | root slot B | empty (`_empty`): the next version's, written by an update |
-//! | 5 | var (ext4) | all state; grown to fill the disk on first boot |
+//! | 5 | var (ext4) | all state; grown to fill the disk on first boot; as built, only the appliance extension |
 //!
 //! UEFI firmware starts systemd-boot, BIOS starts GRUB from the MBR; both
 //! boot a version's kernel with its root found by PARTUUID (see `boot.rs`).
+//! The layers' `/usr` is not in the root but in the appliance extension on
+//! the state partition, laid over `/usr` by the initramfs (`extension.rs`).
 //! Beside the images, `update/` holds this version as an update (see
 //! `update.rs`). Every step runs with SOURCE_DATE_EPOCH and a seed derived
 //! from the profile, so the same inputs give byte-identical images.
@@ -20,12 +22,14 @@
 mod assemble;
 mod base;
 mod boot;
+pub mod extension;
 mod image_store;
 mod partition;
 pub mod signing;
 pub mod spec;
 mod tools;
 mod update;
+mod var;
 pub mod version;
 
 use std::fs;
@@ -72,6 +76,11 @@ pub fn preflight(project: &Project) -> Result<()> {
 /// Builds the disk image of `plan` from the merged tree of its layers
 /// (embedded images included), as image version `version`, its update
 /// signed and trusted with `keys`.
+///
+/// Two cached steps: the OS image (base, image store, `/etc`, boot files:
+/// the disk with an empty state partition, and its update files), which site
+/// values do not change, and over it this build's appliance extension (the
+/// layers' `/usr`), written onto the state partition of a copy of that disk.
 #[allow(clippy::too_many_arguments)]
 pub fn build(
     project: &Project,
@@ -91,76 +100,96 @@ pub fn build(
     let tools = tools::ensure(cache, epoch, progress)?;
     let base = base::ensure(&spec, cache, epoch, progress)?;
     let seed = partition::seed(&plan.profile.name);
+    let builder = builder_digest()?;
+    let split = extension::split(merged)?;
+    let ext_units = extension::units_in(&split.extension, &spec.base.enable);
+    let os_units: Vec<&String> = (spec.base.enable.iter())
+        .filter(|u| !ext_units.contains(u))
+        .collect();
+    let os = os_image(
+        &OsInputs {
+            project,
+            plan,
+            spec: &spec,
+            tree: &split.os,
+            units: &os_units,
+            base: &base,
+            tools: &tools,
+            seed: &seed,
+            builder: &builder,
+        },
+        cache,
+        epoch,
+        version,
+        progress,
+    )?;
 
     // The finished images are cached by everything that decides their bytes, so a
     // warm build with nothing changed only copies them out.
     let mut key = Key::new("builder disk image", epoch);
     key.add(IMAGE_VERSION.as_bytes())
-        .add(&builder_digest()?)
-        .add(&fs::read(project.images_dir().join("disk.toml"))?)
-        .add(base.root.as_os_str().as_encoded_bytes())
+        .add(&builder)
+        .add(os.as_os_str().as_encoded_bytes())
         .add(tools.root.as_os_str().as_encoded_bytes())
         .add(seed.as_bytes())
         .add(version.as_bytes())
         .add(&keys.digest()?)
-        .add_tree(merged);
+        .add(
+            ext_units
+                .iter()
+                .map(|u| u.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+                .as_bytes(),
+        )
+        .add_tree(&split.extension);
     let mut built = false;
     let dir =
         cache.dir_or_build_keeping("disk-image", &key.finish(), KEPT_IMAGES, |dir: &Path| {
             built = true;
             let scratch = cache.temp_dir("disk-")?;
-            progress.note("disk: assembling the root file system");
-            let embedded: Vec<&crate::images::PlannedImage> =
-                plan.images.iter().filter(|i| i.source.embedded()).collect();
-            let staged = assemble::stage(
-                &spec,
-                &base,
-                &tools,
-                merged,
-                &embedded,
-                scratch.path(),
-                epoch,
-                version,
-            )?;
-            let keyring = signing::keyring(&tools, scratch.path(), keys, epoch)?;
-            signing::install_keyring(&scratch.path().join("root"), keyring.as_deref(), epoch)?;
-            let uuids = partition::root_uuids(&seed, version);
             progress.note(&format!(
-                "disk: version {version}: root file system, unified kernel image, boot files"
+                "disk: version {version}: the appliance extension and the state partition"
             ));
-            let boot = boot::make(
-                &spec,
+            let mut info: DiskInfo = serde_json::from_slice(&fs::read(os.join(INFO))?)
+                .with_context(|| format!("reading {}", os.join(INFO).display()))?;
+            let keyring = signing::keyring(&tools, scratch.path(), keys, epoch)?;
+            extension::make(
                 &tools,
                 scratch.path(),
-                &staged,
+                &split.extension,
+                &ext_units,
+                &extension::Target::of_root(&base.root)?,
                 version,
-                &uuids,
+                &partition::uuid_from(&format!("{seed} extension {version}")),
+                epoch,
+                |root| signing::install_keyring(root, keyring.as_deref(), epoch),
+            )?;
+            let extension_image = scratch.path().join("extension.raw");
+            let var = (info.partitions.iter())
+                .find(|p| p.label == "var")
+                .context("the OS image's disk has no state partition")?
+                .clone();
+            var::make_image(
+                &tools,
+                scratch.path(),
+                &extension_image,
+                version,
+                var.size,
+                &seed,
                 epoch,
             )?;
-            progress.note("disk: partitioning (systemd-repart) and installing boot loaders");
-            let partitions =
-                partition::make(&spec, &tools, scratch.path(), &seed, epoch, version, &uuids)?;
-            partition::to_qcow2(&tools, scratch.path())?;
-            progress.note("disk: the update files (update/)");
-            update::make(scratch.path(), version, &uuids.partition, epoch)?;
+            let raw = dir.join(RAW);
+            copy_sparse(&os.join(OS_RAW), &raw)?;
+            var::write_into(&raw, var.offset, var.size, &scratch.path().join("var.img"))?;
+            partition::to_qcow2(&tools, dir)?;
+            update::make(scratch.path(), &os, &extension_image, version, epoch)?;
             if keys.sign.is_some() {
                 signing::sign(&tools, scratch.path(), epoch)?;
             }
             signing::forget(&tools, scratch.path(), keyring.is_some(), epoch)?;
-            let raw = scratch.path().join("disk.raw");
-            let info = DiskInfo {
-                image_id: version::IMAGE_ID.to_string(),
-                image_version: version.to_string(),
-                suite: crate::debian::SUITE.to_string(),
-                kernel: staged.kernel,
-                kernel_cmdline: boot.cmdline,
-                packages: base.packages.clone(),
-                partitions,
-                size: fs::metadata(&raw)?.len(),
-            };
-            fs::rename(&raw, dir.join(RAW))?;
-            fs::rename(scratch.path().join("disk.qcow2"), dir.join(QCOW2))?;
             fs::rename(scratch.path().join("update"), dir.join(UPDATE_DIR))?;
+            info.size = fs::metadata(&raw)?.len();
             fs::write(dir.join(INFO), serde_json::to_vec_pretty(&info)?)?;
             Ok(())
         })?;
@@ -177,12 +206,133 @@ pub fn build(
     })
 }
 
+/// What decides the OS image's bytes (besides the cache, epoch and version).
+struct OsInputs<'a> {
+    project: &'a Project,
+    plan: &'a Plan,
+    spec: &'a spec::DiskSpec,
+    /// The layers' files outside the extension (`/etc`, the images' layout).
+    tree: &'a Tree,
+    /// Units enabled in the OS image (the extension enables its own).
+    units: &'a [&'a String],
+    base: &'a base::Base,
+    tools: &'a tools::Tools,
+    seed: &'a str,
+    builder: &'a [u8; 32],
+}
+
+/// The OS image's cached directory: `os.raw` (the whole disk, its state
+/// partition empty), `update/` with the OS's update files and their sums,
+/// and `info.json`.
+fn os_image(
+    inputs: &OsInputs,
+    cache: &Cache,
+    epoch: u64,
+    version: &str,
+    progress: &mut Progress,
+) -> Result<PathBuf> {
+    let OsInputs {
+        project,
+        plan,
+        spec,
+        tree,
+        units,
+        base,
+        tools,
+        seed,
+        builder,
+    } = inputs;
+    let mut key = Key::new("builder disk OS image", epoch);
+    key.add(IMAGE_VERSION.as_bytes())
+        .add(*builder)
+        .add(&fs::read(project.images_dir().join("disk.toml"))?)
+        .add(base.root.as_os_str().as_encoded_bytes())
+        .add(tools.root.as_os_str().as_encoded_bytes())
+        .add(seed.as_bytes())
+        .add(version.as_bytes())
+        .add(
+            units
+                .iter()
+                .map(|u| u.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+                .as_bytes(),
+        )
+        .add_tree(tree);
+    let mut built = false;
+    let dir = cache.dir_or_build_keeping("disk-os", &key.finish(), KEPT_OS, |dir: &Path| {
+        built = true;
+        let scratch = cache.temp_dir("disk-os-")?;
+        progress.note("disk: assembling the OS image's root file system");
+        let embedded: Vec<&crate::images::PlannedImage> =
+            plan.images.iter().filter(|i| i.source.embedded()).collect();
+        let staged = assemble::stage(
+            base,
+            tools,
+            tree,
+            units,
+            &embedded,
+            scratch.path(),
+            epoch,
+            version,
+        )?;
+        let uuids = partition::root_uuids(seed, version);
+        progress.note(&format!(
+            "disk: version {version}: root file system, unified kernel image, boot files"
+        ));
+        let boot = boot::make(spec, tools, scratch.path(), &staged, version, &uuids, epoch)?;
+        progress.note("disk: partitioning (systemd-repart) and installing boot loaders");
+        let partitions =
+            partition::make(spec, tools, scratch.path(), seed, epoch, version, &uuids)?;
+        progress.note("disk: the OS image's update files (update/)");
+        update::make_os(scratch.path(), version, &uuids.partition, epoch)?;
+        let raw = scratch.path().join("disk.raw");
+        let info = DiskInfo {
+            image_id: version::IMAGE_ID.to_string(),
+            image_version: version.to_string(),
+            suite: crate::debian::SUITE.to_string(),
+            kernel: staged.kernel,
+            kernel_cmdline: boot.cmdline,
+            packages: base.packages.clone(),
+            partitions,
+            size: fs::metadata(&raw)?.len(),
+        };
+        fs::rename(&raw, dir.join(OS_RAW))?;
+        fs::rename(scratch.path().join("update"), dir.join(UPDATE_DIR))?;
+        fs::rename(
+            scratch.path().join(update::OS_SUMS),
+            dir.join(update::OS_SUMS),
+        )?;
+        fs::write(dir.join(INFO), serde_json::to_vec_pretty(&info)?)?;
+        Ok(())
+    })?;
+    if !built {
+        progress.note("disk: the OS image is cached (only the appliance extension is new)");
+    }
+    Ok(dir)
+}
+
+/// Copies a (sparse) disk image; the kernel copies the data extents.
+fn copy_sparse(from: &Path, to: &Path) -> Result<()> {
+    exec::run(
+        exec::command("cp")
+            .args(["--sparse=always"])
+            .arg(from)
+            .arg(to),
+        &format!("copying {} (cp)", from.display()),
+    )
+}
+
 /// Finished images kept in the cache (the most recently used): enough for a
 /// few profiles or sites built in turn, while a cache that gains a GB with
 /// every changed value stays bounded.
 const KEPT_IMAGES: usize = 3;
+/// OS images kept (each a disk and its update files, ~2 GB): the site values
+/// change only the extension, so few are needed.
+const KEPT_OS: usize = 2;
+const OS_RAW: &str = "os.raw";
 /// Bump when the disk image changes in a way nothing in its key shows.
-const IMAGE_VERSION: &str = "3";
+const IMAGE_VERSION: &str = "4";
 const RAW: &str = "disk.raw";
 const QCOW2: &str = "disk.qcow2";
 const INFO: &str = "info.json";

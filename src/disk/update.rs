@@ -7,6 +7,7 @@
 //! | `appliance_<v>_<uuid>.root.gz` | the empty root slot (label `appliance_<v>`, PARTUUID `<uuid>`) |
 //! | `appliance_<v>.efi` | `EFI/Linux/appliance_<v>+3-0.efi` on the ESP (UEFI) |
 //! | `appliance_<v>.vmlinuz`, `.initrd`, `.grub.cfg` | `appliance/` on the ESP (BIOS) |
+//! | `appliance_<v>.sysext.raw` | `/var/lib/appliance/extensions/matrix-appliance_<v>.raw`, the appliance extension (`extension.rs`) |
 //! | `SHA256SUMS` | the list systemd-sysupdate checks every file against |
 //!
 //! The root is gzip-compressed (systemd-sysupdate 257 reads xz, gzip and
@@ -32,8 +33,10 @@ pub struct UpdateFile {
     pub path: PathBuf,
 }
 
-/// Writes `scratch/update/` from the staged root image and ESP.
-pub fn make(scratch: &Path, version: &str, root_uuid: &str, epoch: u64) -> Result<()> {
+/// Writes the OS image's update files into `scratch/update/` from the staged
+/// root image and ESP, and their lines of `SHA256SUMS` into
+/// `scratch/update.sums` (hashed once, with the OS image cached).
+pub fn make_os(scratch: &Path, version: &str, root_uuid: &str, epoch: u64) -> Result<()> {
     let stem = stem(version);
     let dir = scratch.join("update");
     fs::create_dir_all(&dir)?;
@@ -57,9 +60,39 @@ pub fn make(scratch: &Path, version: &str, root_uuid: &str, epoch: u64) -> Resul
         fs::copy(esp.join(&from), dir.join(&name)).with_context(|| format!("copying {from}"))?;
     }
     super::assemble::clamp_mtimes(&dir, epoch)?;
-    let files = list(&dir)?;
-    fs::write(dir.join(SUMS), sums(&files)?)?;
+    fs::write(scratch.join(OS_SUMS), sums(&list(&dir)?)?)?;
     Ok(())
+}
+
+/// The OS image's lines of `SHA256SUMS`, beside its `update/`.
+pub const OS_SUMS: &str = "update.sums";
+
+/// Makes `dir/update/`: the OS image's files of `os` (hard links into the
+/// cache), the extension image of this version, and `SHA256SUMS` of them all.
+pub fn make(dir: &Path, os: &Path, extension: &Path, version: &str, epoch: u64) -> Result<()> {
+    let update = dir.join("update");
+    fs::create_dir_all(&update)?;
+    for file in list(&os.join("update"))? {
+        let to = update.join(&file.name);
+        fs::hard_link(&file.path, &to)
+            .or_else(|_| fs::copy(&file.path, &to).map(drop))
+            .with_context(|| format!("taking {} from the OS image", file.name))?;
+    }
+    let name = extension_file(version);
+    let to = update.join(&name);
+    fs::copy(extension, &to).context("copying the extension into update/")?;
+    super::assemble::clamp_mtimes(&to, epoch)?;
+    let os_sums = fs::read_to_string(os.join(OS_SUMS)).context("reading the OS image's sums")?;
+    let ours = sums(&[UpdateFile { name, path: to }])?;
+    let mut lines: Vec<&str> = os_sums.lines().chain(ours.lines()).collect();
+    lines.sort_by_key(|l| l.split_once("  ").map(|(_, n)| n.to_string()));
+    fs::write(update.join(SUMS), lines.join("\n") + "\n")?;
+    Ok(())
+}
+
+/// The update file of a version's appliance extension.
+pub fn extension_file(version: &str) -> String {
+    format!("{}.sysext.raw", stem(version))
 }
 
 pub const SUMS: &str = "SHA256SUMS";

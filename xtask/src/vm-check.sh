@@ -60,6 +60,14 @@ fi
 root=$(findmnt -no FSTYPE,OPTIONS /)
 printf '%s' "$root" | grep -Eq '^erofs +(ro|ro,.*)$' || fail "the root is not a read-only erofs: $root"
 if touch /usr/.vm-test 2>/dev/null; then fail "/usr is writable"; fi
+# The running version's appliance extension, read-only over /usr (laid by the initramfs).
+usr=$(findmnt -no FSTYPE,OPTIONS /usr)
+printf '%s' "$usr" | grep -Eq '^overlay +ro' ||
+	fail "/usr is not the appliance extension laid over the root (a read-only overlay): $usr"
+running=$(. /etc/os-release && printf '%s' "${IMAGE_VERSION:-}")
+ext_version=$(sed -n 's/^IMAGE_VERSION=//p' /usr/lib/extension-release.d/extension-release.matrix-appliance 2>/dev/null)
+[ "$ext_version" = "$running" ] ||
+	fail "the appliance extension over /usr is version ${ext_version:-none}, not the running ${running:-?}"
 # /var a file system of its own on its partition, grown: 20 GiB less the ESP and the two 3 GiB
 # root slots, about 13.5 GiB.
 if var_mount=$(findmnt -no SOURCE,FSTYPE /var); then

@@ -174,14 +174,16 @@ pub fn run(args: &[String]) -> Result<()> {
     // (mmdebstrap, initramfs), give byte-identical raw and qcow2 files.
     let cache = repo.join("target/test-image-cache");
     fs::remove_dir_all(cache.join("disk-base")).context("removing the cached base")?;
-    // The finished image is cached by its inputs: made anew too.
+    // The OS image and the finished image are cached by their inputs: made anew too.
+    let _ = fs::remove_dir_all(cache.join("disk-os"));
     let _ = fs::remove_dir_all(cache.join("disk-image"));
     let again = build("out-again", &[])?;
     // The update files too: SHA256SUMS lists each by its hash.
     let update_sums = fs::read_to_string(first_image.join("update/SHA256SUMS"))?;
     ensure!(
-        update_sums.lines().count() == 5,
-        "update/SHA256SUMS does not list the root, UKI, kernel, initramfs and GRUB entry:\n{update_sums}"
+        update_sums.lines().count() == 6,
+        "update/SHA256SUMS does not list the root, appliance extension, UKI, kernel, initramfs and \
+         GRUB entry:\n{update_sums}"
     );
     // The signature too (the epoch as gpg's clock, Ed25519: deterministic).
     let mut names = vec![
