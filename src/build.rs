@@ -162,12 +162,24 @@ pub fn build(req: &BuildRequest, progress: &mut Progress) -> Result<BuildReport>
     let exports = exported_files(&plan)?;
     let mut out = OutDir::open(&req.out)?;
     for (name, bytes) in &exports {
-        out.stage(name, |w| Ok(w.write_all(bytes)?))?;
+        out.stage_bytes(name, bytes)?;
     }
-    let bundle_digest = out.stage(&bundle_name, |w| {
-        bundle::write(&manifest, |d| cache.blob_path(d), w)?;
-        Ok(())
-    })?;
+    // The bundle's bytes follow from its manifest and the builder that writes it.
+    let bundle_key = {
+        let mut key = cache::Key::new("builder bundle file", req.epoch);
+        key.add(&manifest.to_canonical_json())
+            .add(&cache::builder_digest()?);
+        key.finish()
+    };
+    let bundle_digest = out.stage_keyed(
+        &bundle_name,
+        &bundle_key,
+        &cache.out_stamp(&out.path_of(&bundle_name)),
+        |w| {
+            bundle::write(&manifest, |d| cache.blob_path(d), w)?;
+            Ok(())
+        },
+    )?;
     let mut manifest = manifest;
     let mut disk_files = Vec::new();
     if makes_disk {
@@ -186,22 +198,19 @@ pub fn build(req: &BuildRequest, progress: &mut Progress) -> Result<BuildReport>
             &keys,
             progress,
         )?;
-        for (path, ext) in [(&disk.raw, "raw"), (&disk.qcow2, "qcow2")] {
+        for (file, ext) in [(&disk.raw, "raw"), (&disk.qcow2, "qcow2")] {
             let name = format!("{}.{ext}", plan.profile.name);
-            let digest = out.stage_file(&name, path)?;
-            disk_files.push((out.path_of(&name), digest));
+            out.stage_linked(&name, &file.path, file.digest)?;
+            disk_files.push((out.path_of(&name), file.digest));
         }
         // The update directory holds this version's files only.
         out.replace_dir(disk::UPDATE_DIR);
         for file in &disk.update {
-            let name = format!("{}/{}", disk::UPDATE_DIR, file.name);
-            out.stage_file(&name, &file.path)?;
+            out.stage_linked(&file.name, &file.path, file.digest)?;
         }
         manifest.disk = Some(disk.info.clone());
     }
-    out.stage(&manifest_name, |w| {
-        Ok(w.write_all(&manifest.to_canonical_json())?)
-    })?;
+    out.stage_bytes(&manifest_name, &manifest.to_canonical_json())?;
     let report = BuildReport {
         version: 1,
         profile: plan.profile.name.clone(),

@@ -14,6 +14,7 @@ use crate::digest::{Digest, HashingReader};
 use crate::layer::{field, hash_sources, Layer, SourceNode};
 use crate::pack::Packed;
 use crate::pgzip;
+use crate::stamp::{read_record, write_record, Stamp};
 
 pub struct Cache {
     root: PathBuf,
@@ -143,6 +144,18 @@ impl Cache {
             .context("creating a directory in the cache")
     }
 
+    /// Where `OutDir::stage_keyed` remembers the output file `path`.
+    pub fn out_stamp(&self, path: &Path) -> PathBuf {
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let name = Digest::of(absolute.as_os_str().as_encoded_bytes());
+        self.root.join("out-stamps").join(name.hex())
+    }
+
+    /// The cached directory of `group` and `key`, if there is one.
+    pub fn dir_if_cached(&self, group: &str, key: &Digest) -> Option<PathBuf> {
+        Some(self.root.join(group).join(key.hex())).filter(|d| d.is_dir())
+    }
+
     /// A directory tree cached under `<cache>/<group>/<key>` (a Debian root):
     /// built once by `build` into a fresh directory, then renamed into place,
     /// so a half-built tree is never used. A concurrent build of the same key
@@ -225,15 +238,32 @@ impl Cache {
         Ok(())
     }
 
-    /// Whether an intact blob of this digest and size is stored (re-hashed).
+    /// Whether an intact blob of this digest and size is stored: re-hashed,
+    /// unless it is the very file that was hashed before, unchanged since
+    /// (its stamp is recorded under `verified/`).
     pub fn has_blob(&self, digest: &Digest, size: u64) -> Result<bool> {
-        let Ok(file) = File::open(self.blob_path(digest)) else {
+        let path = self.blob_path(digest);
+        let Ok(stamp) = Stamp::of(&path) else {
+            return Ok(false);
+        };
+        if stamp.size() != size {
+            return Ok(false);
+        }
+        let memo = self.root.join("verified").join(digest.hex());
+        if read_record::<Stamp>(&memo).is_some_and(|s| s == stamp) {
+            return Ok(true);
+        }
+        let Ok(file) = File::open(&path) else {
             return Ok(false);
         };
         let (d, n) = HashingReader::new(file)
             .finish()
             .context("reading a cached blob")?;
-        Ok(d == *digest && n == size)
+        let intact = d == *digest && n == size;
+        if intact {
+            write_record(&memo, &stamp)?;
+        }
+        Ok(intact)
     }
 
     /// Stores bytes as a blob; returns their digest.
@@ -300,7 +330,8 @@ impl Cache {
     }
 
     /// The packed layer for `key`, if the record and an intact blob exist.
-    /// The blob is re-hashed: a damaged cache must not reach a bundle.
+    /// A blob changed since it was hashed is hashed again: a damaged cache
+    /// must not reach a bundle.
     pub fn get(&self, key: &Digest) -> Result<Option<Packed>> {
         let record = match fs::read(self.record_path(key)) {
             Ok(bytes) => bytes,
@@ -310,13 +341,9 @@ impl Cache {
         let Ok(packed) = serde_json::from_slice::<Packed>(&record) else {
             return Ok(None);
         };
-        let Ok(file) = File::open(self.blob_path(&packed.digest)) else {
-            return Ok(None);
-        };
-        let (digest, size) = HashingReader::new(file)
-            .finish()
-            .context("reading a cached blob")?;
-        Ok((digest == packed.digest && size == packed.compressed_size).then_some(packed))
+        Ok(self
+            .has_blob(&packed.digest, packed.compressed_size)?
+            .then_some(packed))
     }
 
     /// The packed layer for `key`, packing the tree `make` gives on a miss;
@@ -429,4 +456,34 @@ mod tests {
             .unwrap();
         assert!(dirs.iter().all(|d| d.is_dir()));
     }
+
+    #[test]
+    fn a_blob_changed_after_it_was_checked_is_checked_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::open(tmp.path().join("cache")).unwrap();
+        let digest = cache.put_bytes(b"blob bytes").unwrap();
+        assert!(cache.has_blob(&digest, 10).unwrap());
+        // Checked once: remembered by its stamp.
+        assert!(tmp
+            .path()
+            .join("cache/verified")
+            .join(digest.hex())
+            .is_file());
+        assert!(cache.has_blob(&digest, 10).unwrap());
+        // The same size, other bytes: found damaged.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(cache.blob_path(&digest), b"blob bytez").unwrap();
+        assert!(!cache.has_blob(&digest, 10).unwrap());
+        assert!(!cache.has_blob(&digest, 11).unwrap());
+    }
+}
+
+/// The running builder's own bytes: what it writes is its code's doing, so
+/// another builder never reuses a cached disk image or output file.
+pub fn builder_digest() -> Result<[u8; 32]> {
+    let exe = std::env::current_exe().context("finding the builder's own executable")?;
+    let mut file = File::open(&exe).with_context(|| format!("reading {}", exe.display()))?;
+    let mut hasher = Sha256::new();
+    io::copy(&mut file, &mut hasher).with_context(|| format!("reading {}", exe.display()))?;
+    Ok(hasher.finalize().into())
 }

@@ -16,6 +16,10 @@ impl Digest {
         Digest(Sha256::digest(bytes).into())
     }
 
+    pub fn from_bytes(bytes: [u8; 32]) -> Digest {
+        Digest(bytes)
+    }
+
     pub fn hex(&self) -> String {
         hex::encode(self.0)
     }

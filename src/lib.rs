@@ -33,6 +33,7 @@ pub(crate) mod profile;
 pub(crate) mod progress;
 pub(crate) mod project;
 pub(crate) mod render;
+pub(crate) mod stamp;
 pub(crate) mod template;
 pub mod tools_root;
 pub(crate) mod tree;

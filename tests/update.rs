@@ -237,7 +237,7 @@ fn a_damaged_or_incomplete_from_directory_is_refused_before_anything_runs() {
 /// systemd-sysupdate (Debian trixie's, from the tools root) against an ESP in
 /// a scratch root: it reads them, finds the newer version in a `--from`
 /// directory, and installs its boot files beside the running version's, the
-/// UKI on trial (`+3-0`). The root file system's partition transfer needs a
+/// UKI on trial (`+3-0`), and its appliance extension beside the running one's. The root file system's partition transfer needs a
 /// disk whose partitions the kernel shows, which this machine's kernel does
 /// not do for a file; the VM test runs it.
 #[test]
@@ -247,7 +247,7 @@ fn systemd_sysupdate_reads_the_transfer_definitions_and_installs_the_boot_files(
     let updater = updater(&p);
     let from = p.root().join("from");
     fs::create_dir_all(&from).unwrap();
-    for ext in ["efi", "vmlinuz", "initrd", "grub.cfg"] {
+    for ext in ["efi", "vmlinuz", "initrd", "grub.cfg", "sysext.raw"] {
         fs::write(
             from.join(format!("appliance_2.{ext}")),
             format!("version 2 {ext}\n"),
@@ -260,6 +260,8 @@ mkdir -p /r/efi/EFI/Linux /r/efi/appliance
 printf 'ID=debian\nIMAGE_ID=matrix-appliance\nIMAGE_VERSION=1\n' >/r/usr/lib/os-release
 for x in vmlinuz initrd grub.cfg; do echo "version 1 $x" >/r/efi/appliance/appliance_1.$x; done
 echo "version 1 efi" >/r/efi/EFI/Linux/appliance_1.efi
+mkdir -p /r/var/lib/appliance/extensions
+echo "version 1 sysext.raw" >/r/var/lib/appliance/extensions/matrix-appliance_1.raw
 d=$(sh /updater definitions --from /from)
 ls "$d"
 rm "$d/20-root.transfer"
@@ -272,6 +274,8 @@ echo "check-new: $($sysupdate "$@" check-new)"
 $sysupdate "$@" update
 cd /r/efi
 for f in EFI/Linux/* appliance/*; do echo "$f: $(cat "$f")"; done
+cd /r/var/lib/appliance
+for f in extensions/*; do echo "$f: $(cat "$f")"; done
 "#;
     // The ESP a file system of its own, as on the machine.
     let o = updater
@@ -287,8 +291,15 @@ for f in EFI/Linux/* appliance/*; do echo "$f: $(cat "$f")"; done
         "{out}\n{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    // All five definitions were written; sysupdate read the other four.
-    for name in ["10-vmlinuz", "11-initrd", "12-grub", "20-root", "30-uki"] {
+    // All six definitions were written; sysupdate read the other five.
+    for name in [
+        "10-vmlinuz",
+        "11-initrd",
+        "12-grub",
+        "13-extension",
+        "20-root",
+        "30-uki",
+    ] {
         assert!(out.contains(&format!("{name}.transfer")), "{out}");
     }
     assert!(out.contains("check-new: 2\n"), "{out}");
@@ -299,6 +310,8 @@ for f in EFI/Linux/* appliance/*; do echo "$f: $(cat "$f")"; done
         "appliance/appliance_2.vmlinuz: version 2 vmlinuz",
         "appliance/appliance_2.initrd: version 2 initrd",
         "appliance/appliance_2.grub.cfg: version 2 grub.cfg",
+        "extensions/matrix-appliance_1.raw: version 1 sysext.raw",
+        "extensions/matrix-appliance_2.raw: version 2 sysext.raw",
     ] {
         assert!(out.contains(line), "missing {line:?} in:\n{out}");
     }

@@ -22,9 +22,11 @@
 mod assemble;
 mod base;
 mod boot;
+mod cached;
 pub mod extension;
 mod image_store;
 mod partition;
+mod resume_hash;
 pub mod signing;
 pub mod spec;
 mod tools;
@@ -36,7 +38,6 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use sha2::{Digest as _, Sha256};
 
 use crate::cache::{Cache, Key};
 use crate::chroot;
@@ -44,17 +45,21 @@ pub use crate::manifest::{DiskInfo, PartitionInfo};
 use crate::plan::Plan;
 use crate::progress::Progress;
 use crate::project::Project;
+use crate::stamp::read_record;
 use crate::tree::Tree;
+pub use cached::CachedFile;
+use cached::{hash_file, intact_files, record_files, remove_entry, update_digests, FILES};
 
 pub const KIND: &str = "disk";
 
-/// The finished images, in the cache (the caller copies them into `--out`).
+/// The finished images, in the cache (the caller links or copies them into
+/// `--out`), each with its SHA-256.
 pub struct DiskImages {
-    pub raw: PathBuf,
-    pub qcow2: PathBuf,
+    pub raw: CachedFile,
+    pub qcow2: CachedFile,
     pub info: DiskInfo,
     /// The files of `update/`, `SHA256SUMS` last.
-    pub update: Vec<update::UpdateFile>,
+    pub update: Vec<CachedFile>,
 }
 
 /// The output directory's subdirectory for the update files.
@@ -100,7 +105,7 @@ pub fn build(
     let tools = tools::ensure(cache, epoch, progress)?;
     let base = base::ensure(&spec, cache, epoch, progress)?;
     let seed = partition::seed(&plan.profile.name);
-    let builder = builder_digest()?;
+    let builder = crate::cache::builder_digest()?;
     let split = extension::split(merged)?;
     let ext_units = extension::units_in(&split.extension, &spec.base.enable);
     let os_units: Vec<&String> = (spec.base.enable.iter())
@@ -143,66 +148,110 @@ pub fn build(
                 .as_bytes(),
         )
         .add_tree(&split.extension);
-    let mut built = false;
-    let dir =
-        cache.dir_or_build_keeping("disk-image", &key.finish(), KEPT_IMAGES, |dir: &Path| {
-            built = true;
-            let scratch = cache.temp_dir("disk-")?;
+    let key = key.finish();
+    // A cached entry whose files changed since (written through a hard link
+    // in an output directory) is made again; its update files are the OS
+    // image's too, so that goes with it.
+    if let Some(dir) = cache.dir_if_cached("disk-image", &key) {
+        if let Err(changed) = intact_files(&dir) {
             progress.note(&format!(
-                "disk: version {version}: the appliance extension and the state partition"
+                "disk: {} changed since the cached image was made (booted from --out?): making \
+                 it again",
+                changed.join(", ")
             ));
-            let mut info: DiskInfo = serde_json::from_slice(&fs::read(os.join(INFO))?)
-                .with_context(|| format!("reading {}", os.join(INFO).display()))?;
-            let keyring = signing::keyring(&tools, scratch.path(), keys, epoch)?;
-            extension::make(
-                &tools,
-                scratch.path(),
-                &split.extension,
-                &ext_units,
-                &extension::Target::of_root(&base.root)?,
-                version,
-                &partition::uuid_from(&format!("{seed} extension {version}")),
-                epoch,
-                |root| signing::install_keyring(root, keyring.as_deref(), epoch),
-            )?;
-            let extension_image = scratch.path().join("extension.raw");
-            let var = (info.partitions.iter())
-                .find(|p| p.label == "var")
-                .context("the OS image's disk has no state partition")?
-                .clone();
-            var::make_image(
-                &tools,
-                scratch.path(),
-                &extension_image,
-                version,
-                var.size,
-                &seed,
-                epoch,
-            )?;
-            let raw = dir.join(RAW);
-            copy_sparse(&os.join(OS_RAW), &raw)?;
-            var::write_into(&raw, var.offset, var.size, &scratch.path().join("var.img"))?;
-            partition::to_qcow2(&tools, dir)?;
-            update::make(scratch.path(), &os, &extension_image, version, epoch)?;
-            if keys.sign.is_some() {
-                signing::sign(&tools, scratch.path(), epoch)?;
+            remove_entry(&dir)?;
+            if changed
+                .iter()
+                .any(|n| n.starts_with(UPDATE_DIR) || n == FILES)
+            {
+                remove_entry(&os)?;
             }
-            signing::forget(&tools, scratch.path(), keyring.is_some(), epoch)?;
-            fs::rename(scratch.path().join("update"), dir.join(UPDATE_DIR))?;
-            info.size = fs::metadata(&raw)?.len();
-            fs::write(dir.join(INFO), serde_json::to_vec_pretty(&info)?)?;
-            Ok(())
-        })?;
+            return build(project, plan, merged, cache, epoch, version, keys, progress);
+        }
+    }
+    let mut built = false;
+    let dir = cache.dir_or_build_keeping("disk-image", &key, KEPT_IMAGES, |dir: &Path| {
+        built = true;
+        let scratch = cache.temp_dir("disk-")?;
+        progress.note(&format!(
+            "disk: version {version}: the appliance extension and the state partition"
+        ));
+        let mut info: DiskInfo = serde_json::from_slice(&fs::read(os.join(INFO))?)
+            .with_context(|| format!("reading {}", os.join(INFO).display()))?;
+        let keyring = signing::keyring(&tools, scratch.path(), keys, epoch)?;
+        extension::make(
+            &tools,
+            scratch.path(),
+            &split.extension,
+            &ext_units,
+            &extension::Target::of_root(&base.root)?,
+            version,
+            &partition::uuid_from(&format!("{seed} extension {version}")),
+            epoch,
+            |root| signing::install_keyring(root, keyring.as_deref(), epoch),
+        )?;
+        let extension_image = scratch.path().join("extension.raw");
+        let var = (info.partitions.iter())
+            .find(|p| p.label == "var")
+            .context("the OS image's disk has no state partition")?
+            .clone();
+        var::make_image(
+            &tools,
+            scratch.path(),
+            &extension_image,
+            version,
+            var.size,
+            &seed,
+            epoch,
+        )?;
+        let raw = dir.join(RAW);
+        copy_sparse(&os.join(OS_RAW), &raw)?;
+        var::write_into(&raw, var.offset, var.size, &scratch.path().join("var.img"))?;
+        partition::to_qcow2(&tools, dir)?;
+        update::make(scratch.path(), &os, &extension_image, version, epoch)?;
+        if keys.sign.is_some() {
+            signing::sign(&tools, scratch.path(), epoch)?;
+        }
+        signing::forget(&tools, scratch.path(), keyring.is_some(), epoch)?;
+        fs::rename(scratch.path().join("update"), dir.join(UPDATE_DIR))?;
+        info.size = fs::metadata(&raw)?.len();
+        fs::write(dir.join(INFO), serde_json::to_vec_pretty(&info)?)?;
+        let midstate: resume_hash::Midstate =
+            read_record(&os.join(RAW_MIDSTATE)).context("the OS image's hash state is missing")?;
+        let mut files = vec![
+            (RAW.to_string(), resume_hash::finish(&midstate, &raw)?),
+            (QCOW2.to_string(), hash_file(&dir.join(QCOW2))?),
+        ];
+        let sums = fs::read_to_string(dir.join(UPDATE_DIR).join(update::SUMS))?;
+        files.extend(update_digests(dir, &sums)?);
+        record_files(dir, files)?;
+        Ok(())
+    })?;
     if !built {
         progress.note("disk: cached (the same inputs as before)");
     }
     let info: DiskInfo = serde_json::from_slice(&fs::read(dir.join(INFO))?)
         .with_context(|| format!("reading {}", dir.join(INFO).display()))?;
+    let files = intact_files(&dir)
+        .map_err(|changed| anyhow::anyhow!("{} changed as it was made", changed.join(", ")))?;
+    let take = |name: &str| {
+        (files.iter().find(|f| f.name == name).cloned())
+            .with_context(|| format!("{name} is not in the cached image's files"))
+    };
+    let mut update: Vec<CachedFile> = (files.iter())
+        .filter(|f| f.name.starts_with(&format!("{UPDATE_DIR}/")))
+        .cloned()
+        .collect();
+    // SHA256SUMS last (then its signature), as update::list orders them.
+    update.sort_by_key(|f| {
+        let name = &f.name[UPDATE_DIR.len() + 1..];
+        (name.starts_with(update::SUMS), name.to_string())
+    });
     Ok(DiskImages {
-        raw: dir.join(RAW),
-        qcow2: dir.join(QCOW2),
+        raw: take(RAW)?,
+        qcow2: take(QCOW2)?,
         info,
-        update: update::list(&dir.join(UPDATE_DIR))?,
+        update,
     })
 }
 
@@ -287,6 +336,13 @@ fn os_image(
         progress.note("disk: the OS image's update files (update/)");
         update::make_os(scratch.path(), version, &uuids.partition, epoch)?;
         let raw = scratch.path().join("disk.raw");
+        // The state of SHA-256 up to the state partition: each set of site
+        // values hashes only that partition and the rest of the disk.
+        let var = (partitions.iter())
+            .find(|p| p.label == "var")
+            .context("the disk has no state partition")?;
+        let midstate = resume_hash::midstate(&raw, var.offset)?;
+        fs::write(dir.join(RAW_MIDSTATE), serde_json::to_vec(&midstate)?)?;
         let info = DiskInfo {
             image_id: version::IMAGE_ID.to_string(),
             image_version: version.to_string(),
@@ -304,9 +360,20 @@ fn os_image(
             dir.join(update::OS_SUMS),
         )?;
         fs::write(dir.join(INFO), serde_json::to_vec_pretty(&info)?)?;
+        let sums = fs::read_to_string(dir.join(update::OS_SUMS))?;
+        record_files(dir, update_digests(dir, &sums)?)?;
         Ok(())
     })?;
     if !built {
+        // Its update files reach the output directory as hard links.
+        if let Err(changed) = intact_files(&dir) {
+            progress.note(&format!(
+                "disk: {} changed since the cached OS image was made: making it again",
+                changed.join(", ")
+            ));
+            remove_entry(&dir)?;
+            return os_image(inputs, cache, epoch, version, progress);
+        }
         progress.note("disk: the OS image is cached (only the appliance extension is new)");
     }
     Ok(dir)
@@ -331,18 +398,10 @@ const KEPT_IMAGES: usize = 3;
 /// change only the extension, so few are needed.
 const KEPT_OS: usize = 2;
 const OS_RAW: &str = "os.raw";
+const RAW_MIDSTATE: &str = "raw-midstate.json";
+
 /// Bump when the disk image changes in a way nothing in its key shows.
 const IMAGE_VERSION: &str = "4";
 const RAW: &str = "disk.raw";
 const QCOW2: &str = "disk.qcow2";
 const INFO: &str = "info.json";
-
-/// The running builder's own bytes: assembly and partitioning are code, so
-/// another builder never reuses a cached image.
-fn builder_digest() -> Result<[u8; 32]> {
-    let exe = std::env::current_exe().context("finding the builder's own executable")?;
-    let mut file = fs::File::open(&exe).with_context(|| format!("reading {}", exe.display()))?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher).with_context(|| format!("reading {}", exe.display()))?;
-    Ok(hasher.finalize().into())
-}

@@ -1,10 +1,12 @@
 //! `cargo xtask bench-disk`: the disk image's build times and sizes.
 //!
-//! Builds `vps` twice with a cache of its own: cold (no base, tools root,
-//! layers or images cached; only downloaded .debs and wheels are shared
-//! with the tests' cache, so the mirror's speed is not measured) and warm
-//! (everything cached). Prints wall times and the image sizes: raw
-//! apparent and allocated, qcow2.
+//! Builds `vps` three times into one output directory with a cache of its
+//! own: cold (no base, tools root, layers or images cached; only downloaded
+//! .debs and wheels are shared with the tests' cache, so the mirror's speed
+//! is not measured), again with nothing changed (no-op), and with one site
+//! value changed. Prints the wall times beside the goals (one value: under
+//! 5 s; no-op: under 0.5 s), the update payload of that change (the files of
+//! update/ a machine running the first build lacks), and the image sizes.
 //!
 //! With `--boot`, also boots `vps-offline` (images embedded) under qemu
 //! with UEFI, three times on one disk: the first boot to "ready", a reboot
@@ -24,6 +26,11 @@ use anyhow::{bail, Result};
 use crate::vm::{Firmware, Vm};
 
 const PROFILE: &str = "vps";
+/// The site value the one-value build changes (a value of the synapse layer).
+const ONE_VALUE: &str = "max_upload_size=80M";
+/// The goals (printed beside the figures; a benchmark, not a test).
+const ONE_VALUE_GOAL_S: f64 = 5.0;
+const NO_OP_GOAL_S: f64 = 0.5;
 const MARKER: &str = "bench: multi-user.target reached";
 /// The kernel's first line on the console.
 const KERNEL_BANNER: &str = "Linux version";
@@ -70,20 +77,52 @@ pub fn run(args: &[String]) -> Result<()> {
         "cargo build --release",
     )?;
 
-    let cold = build(&repo, &cache, &dir.join("out"))?;
-    let warm = build(&repo, &cache, &dir.join("out"))?;
-    let raw = fs::metadata(dir.join(format!("out/{PROFILE}.raw")))?;
-    let qcow2 = fs::metadata(dir.join(format!("out/{PROFILE}.qcow2")))?;
+    let out = dir.join("out");
+    let cold = build(&repo, &cache, &out, &[])?;
+    let update_before = update_files(&out)?;
+    let no_op = build(&repo, &cache, &out, &[])?;
+    let one_value = build(&repo, &cache, &out, &["--set", ONE_VALUE])?;
+    let update_after = update_files(&out)?;
+    // What a machine running the first build has to fetch to run the second:
+    // the files of update/ it does not hold already (byte for byte).
+    let changed: Vec<&(String, u64, String)> = (update_after.iter())
+        .filter(|f| f.0 != "SHA256SUMS" && f.0 != "SHA256SUMS.gpg")
+        .filter(|f| !update_before.iter().any(|b| b.1 == f.1 && b.2 == f.2))
+        .collect();
+    let payload: u64 = changed.iter().map(|f| f.1).sum();
+    let whole: u64 = update_after.iter().map(|f| f.1).sum();
+    let raw = fs::metadata(out.join(format!("{PROFILE}.raw")))?;
+    let qcow2 = fs::metadata(out.join(format!("{PROFILE}.qcow2")))?;
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
-    println!("disk image of profile {PROFILE}");
-    println!("  cold build           {:>8.1} s", cold.as_secs_f64());
-    println!("  warm build           {:>8.1} s", warm.as_secs_f64());
-    println!("  raw, apparent        {:>8.0} MiB", mib(raw.len()));
+    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    println!("disk image of profile {PROFILE} (raw, qcow2 and update/; the bundle too)");
+    println!("  cold build                 {:>8.1} s", cold.as_secs_f64());
     println!(
-        "  raw, allocated       {:>8.0} MiB",
+        "  no-op build                {:>8.2} s   goal < {NO_OP_GOAL_S} s: {}",
+        no_op.as_secs_f64(),
+        verdict(no_op.as_secs_f64() < NO_OP_GOAL_S)
+    );
+    println!(
+        "  one value changed          {:>8.2} s   goal < {ONE_VALUE_GOAL_S} s: {}   (--set {ONE_VALUE})",
+        one_value.as_secs_f64(),
+        verdict(one_value.as_secs_f64() < ONE_VALUE_GOAL_S)
+    );
+    println!(
+        "  update payload of the change {:>6.2} MiB  of {:.0} MiB in update/: {}",
+        mib(payload),
+        mib(whole),
+        changed
+            .iter()
+            .map(|f| f.0.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("  raw, apparent              {:>8.0} MiB", mib(raw.len()));
+    println!(
+        "  raw, allocated             {:>8.0} MiB",
         mib(raw.blocks() * 512)
     );
-    println!("  qcow2                {:>8.0} MiB", mib(qcow2.len()));
+    println!("  qcow2                      {:>8.0} MiB", mib(qcow2.len()));
     if boot {
         boot_times(&repo)?;
     }
@@ -188,7 +227,7 @@ fn to_marker(vm: &Vm, qemu: &mut crate::vm::Qemu, marker: &str) -> Result<Durati
     vm.wait_for(qemu, marker)
 }
 
-fn build(repo: &Path, cache: &Path, out: &Path) -> Result<Duration> {
+fn build(repo: &Path, cache: &Path, out: &Path, extra: &[&str]) -> Result<Duration> {
     let started = Instant::now();
     exec::status(
         exec::command(repo.join("target/release/builder"))
@@ -196,8 +235,28 @@ fn build(repo: &Path, cache: &Path, out: &Path) -> Result<Duration> {
             .args(["--quiet", "build", "--profile", PROFILE, "--out"])
             .arg(out)
             .arg("--cache-dir")
-            .arg(cache),
+            .arg(cache)
+            .args(extra),
         &format!("builder build --profile {PROFILE}"),
     )?;
     Ok(started.elapsed())
+}
+
+/// update/'s files: name, size and SHA-256 (from its SHA256SUMS; the sums
+/// and signature by size only).
+fn update_files(out: &Path) -> Result<Vec<(String, u64, String)>> {
+    let dir = out.join("update");
+    let sums = fs::read_to_string(dir.join("SHA256SUMS"))?;
+    let mut files = Vec::new();
+    for entry in fs::read_dir(&dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let sum = (sums.lines())
+            .find_map(|l| l.split_once("  ").filter(|(_, n)| *n == name))
+            .map(|(s, _)| s.to_string())
+            .unwrap_or_default();
+        files.push((name, entry.metadata()?.len(), sum));
+    }
+    files.sort();
+    Ok(files)
 }

@@ -32,7 +32,8 @@
 //!
 //! Each boot waits for the appliance's own console line ("matrix-appliance:
 //! ready"). The first two are then checked from outside, over SSH and the
-//! forwarded HTTPS port: no failed units, the root a read-only erofs, /var
+//! forwarded HTTPS port: no failed units, the root a read-only erofs with
+//! the running version's appliance extension read-only over /usr, /var
 //! grown to the disk, only the appliance's images, all in the OS's
 //! read-only image store (no OCI layout on the disk), Matrix over
 //! TLS through the proxy (trusting only the appliance's CA), `.well-known`,
@@ -211,8 +212,24 @@ pub fn run(args: &[String]) -> Result<()> {
             "update/{name} does not match its line in update/SHA256SUMS"
         );
     }
+    // out/SHA256SUMS: the raw image's digest is resumed from the OS image's
+    // hash state, the others come from the cache's records: each must be the file's.
+    let out_sums = fs::read_to_string(first_image.join("SHA256SUMS"))?;
+    for name in [format!("{PROFILE}.raw"), format!("{PROFILE}.qcow2")] {
+        let listed = (out_sums.lines())
+            .find_map(|l| l.split_once("  ").filter(|(_, n)| *n == name))
+            .map(|(sum, _)| sum.to_string())
+            .with_context(|| format!("SHA256SUMS does not list {name}"))?;
+        ensure!(
+            sha256(&first_image.join(&name))? == listed,
+            "{name} does not match its line in SHA256SUMS"
+        );
+    }
     fs::remove_dir_all(&again)?;
-    eprintln!("vm-test: a second build from a new base is byte-identical (images and update/)");
+    eprintln!(
+        "vm-test: a second build from a new base is byte-identical (images and update/), \
+         SHA256SUMS right"
+    );
 
     // The qcow2, as a VPS provider takes it, boots first and reboots; the
     // upgrade writes raw partitions over the same disk made raw.
