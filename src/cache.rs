@@ -397,6 +397,16 @@ fn touch(dir: &Path) {
     }
 }
 
+/// The running builder's own bytes: what it writes is its code's doing, so
+/// another builder never reuses a cached disk image or output file.
+pub fn builder_digest() -> Result<[u8; 32]> {
+    let exe = std::env::current_exe().context("finding the builder's own executable")?;
+    let mut file = File::open(&exe).with_context(|| format!("reading {}", exe.display()))?;
+    let mut hasher = Sha256::new();
+    io::copy(&mut file, &mut hasher).with_context(|| format!("reading {}", exe.display()))?;
+    Ok(hasher.finalize().into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -476,14 +486,4 @@ mod tests {
         assert!(!cache.has_blob(&digest, 10).unwrap());
         assert!(!cache.has_blob(&digest, 11).unwrap());
     }
-}
-
-/// The running builder's own bytes: what it writes is its code's doing, so
-/// another builder never reuses a cached disk image or output file.
-pub fn builder_digest() -> Result<[u8; 32]> {
-    let exe = std::env::current_exe().context("finding the builder's own executable")?;
-    let mut file = File::open(&exe).with_context(|| format!("reading {}", exe.display()))?;
-    let mut hasher = Sha256::new();
-    io::copy(&mut file, &mut hasher).with_context(|| format!("reading {}", exe.display()))?;
-    Ok(hasher.finalize().into())
 }
