@@ -171,33 +171,42 @@ pub fn build(req: &BuildRequest, progress: &mut Progress) -> Result<BuildReport>
             .add(&cache::builder_digest()?);
         key.finish()
     };
-    let bundle_digest = out.stage_keyed(
-        &bundle_name,
-        &bundle_key,
-        &cache.out_stamp(&out.path_of(&bundle_name)),
-        |w| {
+    let bundle_memo = cache.out_stamp(&out.path_of(&bundle_name));
+    // The disk image is made while the bundle is written: each mostly copies
+    // and hashes, on a core of its own.
+    let (bundle_digest, disk) = std::thread::scope(|scope| -> Result<_> {
+        let disk = makes_disk.then(|| {
+            scope.spawn(|| -> Result<disk::DiskImages> {
+                let mut tree = merged_tree(&plan)?;
+                if !embedded.is_empty() {
+                    let images = images::embed::tree(&embedded, &cache)?;
+                    render::overlay(&mut tree, &mut BTreeMap::new(), &images, images::LAYER)?;
+                }
+                disk::build(
+                    &req.project,
+                    &plan,
+                    &tree,
+                    &cache,
+                    req.epoch,
+                    &version,
+                    &keys,
+                    progress,
+                )
+            })
+        });
+        let bundle_digest = out.stage_keyed(&bundle_name, &bundle_key, &bundle_memo, |w| {
             bundle::write(&manifest, |d| cache.blob_path(d), w)?;
             Ok(())
-        },
-    )?;
+        });
+        let disk = match disk {
+            Some(thread) => Some(thread.join().expect("the disk image's thread panicked")?),
+            None => None,
+        };
+        Ok((bundle_digest?, disk))
+    })?;
     let mut manifest = manifest;
     let mut disk_files = Vec::new();
-    if makes_disk {
-        let mut tree = merged_tree(&plan)?;
-        if !embedded.is_empty() {
-            let images = images::embed::tree(&embedded, &cache)?;
-            render::overlay(&mut tree, &mut BTreeMap::new(), &images, images::LAYER)?;
-        }
-        let disk = disk::build(
-            &req.project,
-            &plan,
-            &tree,
-            &cache,
-            req.epoch,
-            &version,
-            &keys,
-            progress,
-        )?;
+    if let Some(disk) = disk {
         for (file, ext) in [(&disk.raw, "raw"), (&disk.qcow2, "qcow2")] {
             let name = format!("{}.{ext}", plan.profile.name);
             out.stage_linked(&name, &file.path, file.digest)?;

@@ -111,11 +111,7 @@ pub struct Bootstrap<'a> {
 
 /// Fails with the way to get mmdebstrap where it is missing.
 pub fn require_mmdebstrap(what: &str) -> Result<()> {
-    if exec::command("mmdebstrap")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
+    if !exec::on_path("mmdebstrap") {
         bail!(
             "{what} needs mmdebstrap, which is not installed; install it (Debian/Ubuntu: \
              apt-get install mmdebstrap)"

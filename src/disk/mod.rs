@@ -218,9 +218,18 @@ pub fn build(
         fs::write(dir.join(INFO), serde_json::to_vec_pretty(&info)?)?;
         let midstate: resume_hash::Midstate =
             read_record(&os.join(RAW_MIDSTATE)).context("the OS image's hash state is missing")?;
+        // The two hashes on two cores.
+        let (raw_digest, qcow2_digest) = std::thread::scope(|scope| {
+            let qcow2 = scope.spawn(|| hash_file(&dir.join(QCOW2)));
+            let raw_digest = resume_hash::finish(&midstate, &raw);
+            (
+                raw_digest,
+                qcow2.join().expect("hashing the qcow2 panicked"),
+            )
+        });
         let mut files = vec![
-            (RAW.to_string(), resume_hash::finish(&midstate, &raw)?),
-            (QCOW2.to_string(), hash_file(&dir.join(QCOW2))?),
+            (RAW.to_string(), raw_digest?),
+            (QCOW2.to_string(), qcow2_digest?),
         ];
         let sums = fs::read_to_string(dir.join(UPDATE_DIR).join(update::SUMS))?;
         files.extend(update_digests(dir, &sums)?);

@@ -94,8 +94,8 @@ pub fn write_into(disk: &Path, offset: u64, size: u64, image: &Path) -> Result<(
             left -= n as u64;
         }
     }
-    dst.sync_all()
-        .with_context(|| format!("writing {}", disk.display()))?;
+    // Not synced here: like the rest of a cache entry, it is renamed into place
+    // once complete (a sync would wait for the whole copied disk to reach storage).
     Ok(())
 }
 
