@@ -675,19 +675,7 @@ impl ProxyView {
             format!("127.0.0.1 localhost {}\n::1 localhost\n", names.join(" ")),
         )
         .unwrap();
-        // os-debian's /etc/hosts is a link into /usr (the appliance extension): bind over
-        // the file it names.
-        let hosts_at = match fs::read_link(r.tree.join("etc/hosts")) {
-            Ok(target) => {
-                let target = target.to_string_lossy().into_owned();
-                match target.strip_prefix("../") {
-                    Some(rest) => format!("/{rest}"),
-                    None => target,
-                }
-            }
-            Err(_) => "/etc/hosts".to_string(),
-        };
-        binds.push((hosts, hosts_at));
+        binds.push((hosts, common::bind_target(&r.tree, "/etc/hosts")));
 
         let mut view = ProxyView {
             sandbox: Sandbox {
@@ -1476,4 +1464,26 @@ fn native_units_are_sandboxed_to_2_0_or_say_why() {
         eprintln!("systemd-analyze security: {unit:<40} {score}");
     }
     failures.assert_none("systemd-analyze security");
+}
+
+/// Binds over a rendered /etc/hosts land on the file its link names.
+#[test]
+fn a_bind_over_a_link_goes_to_the_file_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir_all(dir.path().join("etc")).unwrap();
+    std::os::unix::fs::symlink(
+        "../usr/share/matrix-appliance/etc/hosts",
+        dir.path().join("etc/hosts"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("/usr/lib/os-release", dir.path().join("etc/os-release")).unwrap();
+    assert_eq!(
+        common::bind_target(dir.path(), "/etc/hosts"),
+        "/usr/share/matrix-appliance/etc/hosts"
+    );
+    assert_eq!(
+        common::bind_target(dir.path(), "/etc/os-release"),
+        "/usr/lib/os-release"
+    );
+    assert_eq!(common::bind_target(dir.path(), "/etc/fstab"), "/etc/fstab");
 }

@@ -13,6 +13,34 @@ use std::process::{Command, Output};
 
 pub const EPOCH: &str = "1700000000";
 
+/// Where a bind mount over `path` (absolute, such as `/etc/hosts`) goes in a
+/// rendered `tree`: when `path` is a symlink there (os-debian's `/etc/hosts`
+/// links into `/usr`, the appliance extension), the file it names; else
+/// `path` itself. A sandbox refuses to bind over a symlink.
+pub fn bind_target(tree: &Path, path: &str) -> String {
+    let Ok(link) = fs::read_link(tree.join(path.trim_start_matches('/'))) else {
+        return path.to_string();
+    };
+    let mut parts: Vec<String> = if link.is_absolute() {
+        Vec::new()
+    } else {
+        let parent = Path::new(path).parent().unwrap_or(Path::new("/"));
+        (parent.iter().skip(1))
+            .map(|c| c.to_string_lossy().into_owned())
+            .collect()
+    };
+    for component in link.iter() {
+        match component.to_str() {
+            Some("/") | Some(".") => {}
+            Some("..") => {
+                parts.pop();
+            }
+            _ => parts.push(component.to_string_lossy().into_owned()),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
 /// A copy of the project's shipped data (layers, profiles, images) in a
 /// temporary directory, like a fresh clone, with its own cache.
 pub struct Project {

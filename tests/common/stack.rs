@@ -232,7 +232,10 @@ impl Stack {
     fn sandbox(&self, extra: &[(PathBuf, String)]) -> Sandbox {
         let mut binds = vec![
             (self.state.clone(), "/var/lib/matrix".to_string()),
-            (self.hosts.clone(), "/etc/hosts".to_string()),
+            (
+                self.hosts.clone(),
+                super::bind_target(&self.rendered, "/etc/hosts"),
+            ),
             (self.synapse.clone(), "/opt/synapse".to_string()),
         ];
         binds.extend(self.extra_binds.iter().cloned());
