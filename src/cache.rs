@@ -295,7 +295,14 @@ impl Cache {
         }
         tmp.persist(self.blob_path(digest))
             .context("storing a blob in the cache")?;
-        Ok(())
+        self.remember_intact(digest)
+    }
+
+    /// Records that the blob of `digest` was just hashed (written here), so
+    /// that the next build does not hash it again (`has_blob`).
+    fn remember_intact(&self, digest: &Digest) -> Result<()> {
+        let stamp = Stamp::of(&self.blob_path(digest)).context("reading a stored blob")?;
+        write_record(&self.root.join("verified").join(digest.hex()), &stamp)
     }
 
     /// A JSON record filed under `kind/<key>.json`, if there is a readable one.
@@ -377,6 +384,7 @@ impl Cache {
         drop(out);
         tmp.persist(self.blob_path(&packed.digest))
             .context("storing a blob in the cache")?;
+        self.remember_intact(&packed.digest)?;
         let record = tempfile::NamedTempFile::new_in(self.root.join("tmp"))
             .context("creating a cache file")?;
         serde_json::to_writer(record.as_file(), &packed).context("writing a cache record")?;
@@ -472,8 +480,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let cache = Cache::open(tmp.path().join("cache")).unwrap();
         let digest = cache.put_bytes(b"blob bytes").unwrap();
-        assert!(cache.has_blob(&digest, 10).unwrap());
-        // Checked once: remembered by its stamp.
+        // Hashed as it was stored: remembered by its stamp.
         assert!(tmp
             .path()
             .join("cache/verified")
