@@ -52,21 +52,12 @@ pub fn make(
         "root=PARTUUID={} rootfstype=erofs {}",
         uuids.partition, spec.base.kernel_cmdline
     );
-    let epoch_text = epoch.to_string();
-    tools.run_in(
+    tools.mkfs_erofs(
         scratch,
         epoch,
-        &[
-            "mkfs.erofs",
-            "--quiet",
-            "-zlz4hc",
-            "-U",
-            &uuids.filesystem,
-            "-T",
-            &epoch_text,
-            "/work/root.erofs",
-            "/work/root",
-        ],
+        &uuids.filesystem,
+        "root.erofs",
+        "root",
         "making the root file system (mkfs.erofs)",
     )?;
     let kernel = |name: &str| format!("/work/kernel/{name}");

@@ -148,21 +148,12 @@ pub fn make(
     )?;
     finish(&root)?;
     super::assemble::clamp_mtimes(&root, epoch)?;
-    let epoch_text = epoch.to_string();
-    tools.run_in(
+    tools.mkfs_erofs(
         scratch,
         epoch,
-        &[
-            "mkfs.erofs",
-            "--quiet",
-            "-zlz4hc",
-            "-U",
-            uuid,
-            "-T",
-            &epoch_text,
-            "/work/extension.raw",
-            "/work/extension",
-        ],
+        uuid,
+        "extension.raw",
+        "extension",
         "making the appliance extension (mkfs.erofs)",
     )?;
     Ok(())

@@ -139,14 +139,7 @@ pub fn build(
         .add(seed.as_bytes())
         .add(version.as_bytes())
         .add(&keys.digest()?)
-        .add(
-            ext_units
-                .iter()
-                .map(|u| u.as_str())
-                .collect::<Vec<_>>()
-                .join(" ")
-                .as_bytes(),
-        )
+        .add(unit_list(&ext_units).as_bytes())
         .add_tree(&split.extension);
     let key = key.finish();
     // A cached entry whose files changed since (written through a hard link
@@ -308,14 +301,7 @@ fn os_image(
         .add(tools.root.as_os_str().as_encoded_bytes())
         .add(seed.as_bytes())
         .add(version.as_bytes())
-        .add(
-            units
-                .iter()
-                .map(|u| u.as_str())
-                .collect::<Vec<_>>()
-                .join(" ")
-                .as_bytes(),
-        )
+        .add(unit_list(units).as_bytes())
         .add_tree(tree);
     let mut built = false;
     let dir = cache.dir_or_build_keeping("disk-os", &key.finish(), KEPT_OS, |dir: &Path| {
@@ -386,6 +372,15 @@ fn os_image(
         progress.note("disk: the OS image is cached (only the appliance extension is new)");
     }
     Ok(dir)
+}
+
+/// Unit names as one key field.
+fn unit_list(units: &[&String]) -> String {
+    units
+        .iter()
+        .map(|u| u.as_str())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Copies a (sparse) disk image; the kernel copies the data extents.

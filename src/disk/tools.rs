@@ -37,6 +37,38 @@ impl Tools {
         exec::output(&mut cmd, what)
     }
 
+    /// `mkfs.erofs` (lz4hc, file system UUID `uuid`, every time the epoch) of
+    /// `/work/<dir>` into `/work/<image>`: the root and the extension alike.
+    pub fn mkfs_erofs(
+        &self,
+        scratch: &Path,
+        epoch: u64,
+        uuid: &str,
+        image: &str,
+        dir: &str,
+        what: &str,
+    ) -> Result<()> {
+        let epoch_text = epoch.to_string();
+        let (image, dir) = (format!("/work/{image}"), format!("/work/{dir}"));
+        self.run_in(
+            scratch,
+            epoch,
+            &[
+                "mkfs.erofs",
+                "--quiet",
+                "-zlz4hc",
+                "-U",
+                uuid,
+                "-T",
+                &epoch_text,
+                &image,
+                &dir,
+            ],
+            what,
+        )
+        .map(drop)
+    }
+
     /// The tools root with `scratch` at /work, for [`Sandbox::command`]:
     /// nothing from the host's environment, nothing written into the root
     /// (which other builds and the tests may share).
