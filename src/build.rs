@@ -31,6 +31,9 @@ pub struct BuildRequest {
     pub epoch: u64,
     /// The disk image's version (`build --version`); see [`disk::version`].
     pub version: Option<String>,
+    /// `build --base-release`: the update/ directory of the version the
+    /// machines run (see [`disk::base_release`]).
+    pub base_release: Option<PathBuf>,
     /// The keys that sign the update and that the image trusts.
     pub keys: disk::signing::Keys,
 }
@@ -96,6 +99,19 @@ pub fn build(req: &BuildRequest, progress: &mut Progress) -> Result<BuildReport>
     }
     let keys = site_keys(&req.keys, &plan, makes_disk);
     keys.check()?;
+    let base_release =
+        match &req.base_release {
+            Some(_) if !makes_disk => return Err(crate::error::usage(
+                "--base-release is for the disk image's updates; this build makes no disk image \
+                 (see the profile's outputs and --output)",
+            )),
+            Some(dir) => {
+                let release = disk::base_release::read(dir)?;
+                release.check_newer(&version)?;
+                Some(release)
+            }
+            None => None,
+        };
     if makes_disk {
         disk::preflight(&req.project)?;
     }
@@ -189,6 +205,7 @@ pub fn build(req: &BuildRequest, progress: &mut Progress) -> Result<BuildReport>
                     &cache,
                     req.epoch,
                     &version,
+                    base_release.as_ref(),
                     &keys,
                     progress,
                 )

@@ -75,6 +75,11 @@ enum Command {
         /// YYYYMMDD.HHMMSS]
         #[arg(long, value_name = "VERSION")]
         version: Option<String>,
+        /// The update/ directory of the version the machines run: when this
+        /// build's OS image is the same as that one's, the update carries only
+        /// the boot entry and the appliance extension
+        #[arg(long, value_name = "DIR")]
+        base_release: Option<PathBuf>,
         /// Sign update/SHA256SUMS with this OpenPGP secret key (no
         /// passphrase; Ed25519 or RSA for reproducible signatures); the image
         /// trusts its public key
@@ -198,6 +203,7 @@ fn build_request(
         cache_dir: cache::default_dir(cache_dir.as_deref())?,
         epoch: epoch::from_env()?,
         version: None,
+        base_release: None,
         keys: Default::default(),
     })
 }
@@ -210,12 +216,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             out,
             cache_dir,
             version,
+            base_release,
             sign_key,
             trust_key,
             json,
         } => {
             let mut req = build_request(project()?, &site, out, cache_dir)?;
             req.version = version;
+            req.base_release = base_release;
             req.keys = crate::disk::signing::Keys {
                 sign: sign_key,
                 trust: trust_key,

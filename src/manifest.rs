@@ -80,9 +80,14 @@ impl Manifest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskInfo {
-    /// os-release's IMAGE_ID and IMAGE_VERSION.
+    /// os-release's IMAGE_ID, and the version this image boots (its boot
+    /// entry and appliance extension).
     pub image_id: String,
     pub image_version: String,
+    /// The version of its OS image (os-release's IMAGE_VERSION, the root
+    /// slot's label): `image_version`, or an earlier release's whose OS image
+    /// this build kept (`build --base-release`).
+    pub os_version: String,
     /// Debian release of the base.
     pub suite: String,
     pub kernel: String,

@@ -47,6 +47,61 @@ fn a_bad_image_version_is_a_usage_error_naming_where_it_came_from() {
     assert_exit(&o, 0);
 }
 
+/// `--base-release` is read before any work: a directory that is no
+/// earlier build's update/, a version not newer than the release's, or a
+/// build without a disk image is a usage error that says so.
+#[test]
+fn a_base_release_that_cannot_be_built_on_is_a_usage_error() {
+    let p = Project::copy_of_repo();
+    let release = p.root().join("release");
+    fs::create_dir_all(&release).unwrap();
+    let base = release.to_str().unwrap();
+    let build = |args: &[&str]| {
+        let mut all = vec!["build", "--profile", "vps", "--base-release", base];
+        all.extend_from_slice(args);
+        if !args.contains(&"--output") {
+            all.extend(["--output", "disk"]);
+        }
+        p.builder(&all)
+    };
+    let o = build(&["--version", "3"]);
+    assert_exit(&o, 2);
+    assert!(stderr(&o).contains("no SHA256SUMS there"), "{}", stderr(&o));
+
+    fs::write(
+        release.join("SHA256SUMS"),
+        format!(
+            "{0}  appliance_2.efi\n{0}  appliance_2.grub.cfg\n{0}  appliance_1.vmlinuz\n\
+             {0}  appliance_1_4b3c.root.gz\n",
+            "0".repeat(64)
+        ),
+    )
+    .unwrap();
+    for older in ["2", "1.9"] {
+        let o = build(&["--version", older]);
+        assert_exit(&o, 2);
+        assert!(
+            stderr(&o).contains(&format!(
+                "--version {older} is not newer than 2, the version of --base-release"
+            )),
+            "{}",
+            stderr(&o)
+        );
+    }
+    let o = build(&["--version", "3", "--output", "bundle"]);
+    assert_exit(&o, 2);
+    assert!(
+        stderr(&o).contains("--base-release is for the disk image's updates"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        !p.out().exists(),
+        "a refused build wrote {:?}",
+        p.out_files()
+    );
+}
+
 #[test]
 fn signing_keys_need_a_disk_image_and_a_readable_file() {
     let p = Project::copy_of_repo();
@@ -235,51 +290,67 @@ fn a_damaged_or_incomplete_from_directory_is_refused_before_anything_runs() {
 
 /// The transfer definitions `matrixctl update` writes, run by the real
 /// systemd-sysupdate (Debian trixie's, from the tools root) against an ESP in
-/// a scratch root: it reads them, finds the newer version in a `--from`
-/// directory, and installs its boot files beside the running version's, the
-/// UKI on trial (`+3-0`), and its appliance extension beside the running one's. The root file system's partition transfer needs a
-/// disk whose partitions the kernel shows, which this machine's kernel does
-/// not do for a file; the VM test runs it.
+/// a scratch root. Running version 1 over OS image 1: version 3, built over
+/// OS image 1 (`--base-release`), brings only its entry (the UKI on trial,
+/// `+3-0`, and GRUB's entry) and its appliance extension, and the OS set
+/// finds nothing new; version 4 brings OS image 4 too (its kernel and
+/// initramfs beside OS image 1's) and takes version 3's place. The root file
+/// system's partition transfer needs a disk whose partitions the kernel
+/// shows, which this machine's kernel does not do for a file; the VM test
+/// runs it.
 #[test]
-fn systemd_sysupdate_reads_the_transfer_definitions_and_installs_the_boot_files() {
+fn systemd_sysupdate_installs_a_version_over_the_running_os_image_or_with_its_own() {
     let tools = common::tools::ToolsRoot::get();
     let p = Project::copy_of_repo();
     let updater = updater(&p);
-    let from = p.root().join("from");
-    fs::create_dir_all(&from).unwrap();
-    for ext in ["efi", "vmlinuz", "initrd", "grub.cfg", "sysext.raw"] {
-        fs::write(
-            from.join(format!("appliance_2.{ext}")),
-            format!("version 2 {ext}\n"),
-        )
-        .unwrap();
+    let from3 = p.root().join("from3");
+    let from4 = p.root().join("from4");
+    for (dir, os, version) in [(&from3, "1", "3"), (&from4, "4", "4")] {
+        fs::create_dir_all(dir).unwrap();
+        for ext in ["vmlinuz", "initrd"] {
+            let name = format!("appliance_{os}.{ext}");
+            fs::write(dir.join(name), format!("os {os} {ext}\n")).unwrap();
+        }
+        for ext in ["efi", "grub.cfg", "sysext.raw"] {
+            let name = format!("appliance_{version}.{ext}");
+            fs::write(dir.join(name), format!("version {version} {ext}\n")).unwrap();
+        }
     }
     const SCRIPT: &str = r#"set -eu
-mkdir -p /r/usr/lib /r/etc
-mkdir -p /r/efi/EFI/Linux /r/efi/appliance
+mkdir -p /r/usr/lib /r/etc /r/efi/EFI/Linux /r/efi/appliance /r/var/lib/appliance/extensions
 printf 'ID=debian\nIMAGE_ID=matrix-appliance\nIMAGE_VERSION=1\n' >/r/usr/lib/os-release
-for x in vmlinuz initrd grub.cfg; do echo "version 1 $x" >/r/efi/appliance/appliance_1.$x; done
+for x in vmlinuz initrd; do echo "os 1 $x" >/r/efi/appliance/appliance_1.$x; done
+echo "version 1 grub.cfg" >/r/efi/appliance/appliance_1.grub.cfg
 echo "version 1 efi" >/r/efi/EFI/Linux/appliance_1.efi
-mkdir -p /r/var/lib/appliance/extensions
 echo "version 1 sysext.raw" >/r/var/lib/appliance/extensions/matrix-appliance_1.raw
-d=$(sh /updater definitions --from /from)
-ls "$d"
-rm "$d/20-root.transfer"
+d=$(MATRIX_IMAGE_VERSION=1 sh /updater definitions --from /from3)
+(cd "$d" && ls os version)
+rm "$d/os/20-root.transfer"
 # With --root, systemd-sysupdate reads --definitions inside that root.
-mkdir -p "/r$d" && cp "$d"/*.transfer "/r$d/"
+mkdir -p "/r$d" && cp -r "$d/os" "$d/version" "/r$d/"
 export SYSTEMD_RELAX_ESP_CHECKS=1 SYSTEMD_LOG_LEVEL=notice
-set -- --root=/r --definitions="$d" --transfer-source=/from --no-pager
-sysupdate=/usr/lib/systemd/systemd-sysupdate
-echo "check-new: $($sysupdate "$@" check-new)"
-$sysupdate "$@" update
-cd /r/efi
-for f in EFI/Linux/* appliance/*; do echo "$f: $(cat "$f")"; done
-cd /r/var/lib/appliance
-for f in extensions/*; do echo "$f: $(cat "$f")"; done
+sysupdate() {
+	from=$1 set_name=$2
+	shift 2
+	/usr/lib/systemd/systemd-sysupdate --root=/r --definitions="$d/$set_name" \
+		--transfer-source="$from" --no-pager "$@"
+}
+show() {
+	(cd /r/efi && for f in EFI/Linux/* appliance/*; do echo "$1 $f: $(cat "$f")"; done)
+	(cd /r/var/lib/appliance && for f in extensions/*; do echo "$1 $f: $(cat "$f")"; done)
+}
+echo "3: os check-new: $(sysupdate /from3 os check-new || true)."
+echo "3: version check-new: $(sysupdate /from3 version check-new)."
+sysupdate /from3 version update
+show 3
+echo "4: os check-new: $(sysupdate /from4 os check-new)."
+sysupdate /from4 os update
+sysupdate /from4 version update
+show 4
 "#;
     // The ESP a file system of its own, as on the machine.
     let o = updater
-        .sandbox(&tools, &[(&from, "/from")])
+        .sandbox(&tools, &[(&from3, "/from3"), (&from4, "/from4")])
         .tmpfs("/r/efi")
         .command(&["sh", "-c", SCRIPT])
         .unwrap()
@@ -291,30 +362,43 @@ for f in extensions/*; do echo "$f: $(cat "$f")"; done
         "{out}\n{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    // All six definitions were written; sysupdate read the other five.
+    // Both sets were written; sysupdate read all but the root's.
     for name in [
         "10-vmlinuz",
         "11-initrd",
+        "20-root",
         "12-grub",
         "13-extension",
-        "20-root",
         "30-uki",
     ] {
         assert!(out.contains(&format!("{name}.transfer")), "{out}");
     }
-    assert!(out.contains("check-new: 2\n"), "{out}");
     for line in [
-        "EFI/Linux/appliance_1.efi: version 1 efi",
-        "EFI/Linux/appliance_2+3-0.efi: version 2 efi",
-        "appliance/appliance_1.vmlinuz: version 1 vmlinuz",
-        "appliance/appliance_2.vmlinuz: version 2 vmlinuz",
-        "appliance/appliance_2.initrd: version 2 initrd",
-        "appliance/appliance_2.grub.cfg: version 2 grub.cfg",
-        "extensions/matrix-appliance_1.raw: version 1 sysext.raw",
-        "extensions/matrix-appliance_2.raw: version 2 sysext.raw",
+        "3: os check-new: .",
+        "3: version check-new: 3.",
+        "3 EFI/Linux/appliance_1.efi: version 1 efi",
+        "3 EFI/Linux/appliance_3+3-0.efi: version 3 efi",
+        "3 appliance/appliance_1.vmlinuz: os 1 vmlinuz",
+        "3 appliance/appliance_1.initrd: os 1 initrd",
+        "3 appliance/appliance_3.grub.cfg: version 3 grub.cfg",
+        "3 extensions/matrix-appliance_1.raw: version 1 sysext.raw",
+        "3 extensions/matrix-appliance_3.raw: version 3 sysext.raw",
+        "4: os check-new: 4.",
+        "4 EFI/Linux/appliance_1.efi: version 1 efi",
+        "4 EFI/Linux/appliance_4+3-0.efi: version 4 efi",
+        "4 appliance/appliance_1.vmlinuz: os 1 vmlinuz",
+        "4 appliance/appliance_4.vmlinuz: os 4 vmlinuz",
+        "4 appliance/appliance_4.initrd: os 4 initrd",
+        "4 appliance/appliance_1.grub.cfg: version 1 grub.cfg",
+        "4 appliance/appliance_4.grub.cfg: version 4 grub.cfg",
+        "4 extensions/matrix-appliance_4.raw: version 4 sysext.raw",
     ] {
         assert!(out.contains(line), "missing {line:?} in:\n{out}");
     }
+    // Version 3 made room for 4; OS image 1 (the running one's) stays.
+    assert!(!out.contains("3 appliance/appliance_3.vmlinuz"), "{out}");
+    assert!(!out.contains("4 EFI/Linux/appliance_3"), "{out}");
+    assert!(!out.contains("4 extensions/matrix-appliance_3"), "{out}");
 }
 
 /// `matrixctl update rollback`: the other installed version boots from now

@@ -3,11 +3,18 @@
 //! - `root.erofs`: the read-only root file system (written into root slot A,
 //!   and the update's root image);
 //! - `esp/`: systemd-boot with this version's unified kernel image in
-//!   `EFI/Linux/` (UEFI), and GRUB's config, environment block and this
-//!   version's kernel, initramfs and entry in `appliance/` (legacy BIOS).
+//!   `EFI/Linux/` (UEFI), and GRUB's config, environment block, the OS
+//!   image's kernel and initramfs and this version's entry in `appliance/`
+//!   (legacy BIOS).
 //!
-//! Each version's files carry its name (`appliance_<version>`), so an update
-//! adds a version's files beside the running one's. Which one boots:
+//! A version is a boot entry: its unified kernel image and GRUB entry carry
+//! its name (`appliance_<version>`) and boot the root of its OS image (by
+//! PARTUUID) with its appliance extension (`appliance.version=` on the
+//! kernel command line, read by the initramfs). The OS image has a version
+//! of its own, which names the root slot, the kernel and the initramfs: the
+//! same as the entry's, unless the build kept an earlier release's OS
+//! (`base_release.rs`). So an update adds a version's entry beside the
+//! running one's, with a new OS or over the one running. Which one boots:
 //! systemd-boot takes the newest entry that has not used up its tries
 //! (Automatic Boot Assessment, `+N` in the file name); GRUB reads its
 //! environment block, where `appliance_try` and `appliance_tries` name a
@@ -37,21 +44,43 @@ pub struct BootFiles {
     pub cmdline: String,
 }
 
-/// Makes `scratch/root.erofs`, the unified kernel image and `scratch/esp/`.
+/// The kernel command line's parameter naming the version booted (its
+/// appliance extension), read by the initramfs and `matrixctl update`.
+pub const VERSION_PARAM: &str = "appliance.version";
+
+/// Makes `scratch/root.erofs` (OS version `os_version`), the unified kernel
+/// image of version `version` and `scratch/esp/`.
+#[allow(clippy::too_many_arguments)]
 pub fn make(
     spec: &DiskSpec,
     tools: &Tools,
     scratch: &Path,
     staged: &Staged,
     version: &str,
+    os_version: &str,
     uuids: &RootUuids,
     epoch: u64,
 ) -> Result<BootFiles> {
+    let os_stem = stem(os_version);
     let stem = stem(version);
     let cmdline = format!(
-        "root=PARTUUID={} rootfstype=erofs {}",
+        "root=PARTUUID={} rootfstype=erofs {VERSION_PARAM}={version} {}",
         uuids.partition, spec.base.kernel_cmdline
     );
+    // The entry's os-release (systemd-boot shows and orders entries by its
+    // IMAGE_VERSION): the root's, naming the entry's version.
+    let os_release = fs::read_to_string(scratch.join("root/usr/lib/os-release"))
+        .context("reading the root's os-release")?;
+    let os_release: String = (os_release.lines())
+        .map(|l| {
+            if l.starts_with("IMAGE_VERSION=") {
+                format!("IMAGE_VERSION={version}\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    fs::write(scratch.join("kernel/os-release"), os_release)?;
     tools.mkfs_erofs(
         scratch,
         epoch,
@@ -70,7 +99,7 @@ pub fn make(
             &format!("--linux={}", kernel("vmlinuz")),
             &format!("--initrd={}", kernel("initrd")),
             &format!("--cmdline={cmdline}"),
-            "--os-release=@/work/root/usr/lib/os-release",
+            "--os-release=@/work/kernel/os-release",
             &format!("--uname={}", staged.kernel),
             &format!("--output={}", kernel("uki.efi")),
         ],
@@ -92,12 +121,15 @@ pub fn make(
     )?;
     fs::copy(
         &staged.vmlinuz,
-        esp.join(format!("appliance/{stem}.vmlinuz")),
+        esp.join(format!("appliance/{os_stem}.vmlinuz")),
     )?;
-    fs::copy(&staged.initrd, esp.join(format!("appliance/{stem}.initrd")))?;
+    fs::copy(
+        &staged.initrd,
+        esp.join(format!("appliance/{os_stem}.initrd")),
+    )?;
     fs::write(
         esp.join(format!("appliance/{stem}.grub.cfg")),
-        grub_entry(&stem, &cmdline),
+        grub_entry(&os_stem, &cmdline),
     )?;
     fs::write(esp.join("grub/grub.cfg"), grub_config())?;
     fs::write(
@@ -116,9 +148,12 @@ pub struct RootUuids {
     pub filesystem: String,
 }
 
-/// One version's GRUB entry (`appliance/<stem>.grub.cfg`).
-pub fn grub_entry(stem: &str, cmdline: &str) -> String {
-    format!("linux /appliance/{stem}.vmlinuz {cmdline}\ninitrd /appliance/{stem}.initrd\nboot\n")
+/// One version's GRUB entry (`appliance/<stem>.grub.cfg`): the kernel and
+/// initramfs of its OS image (`os_stem`).
+pub fn grub_entry(os_stem: &str, cmdline: &str) -> String {
+    format!(
+        "linux /appliance/{os_stem}.vmlinuz {cmdline}\ninitrd /appliance/{os_stem}.initrd\nboot\n"
+    )
 }
 
 /// GRUB's config: boots `appliance_good`, or the version on trial while it

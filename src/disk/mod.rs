@@ -5,14 +5,16 @@
 //!
 //! | # | partition | content |
 //! |---|---|---|
-//! | 1 | ESP (vfat) | systemd-boot and each version's unified kernel image; GRUB's config and each version's kernel and initramfs |
+//! | 1 | ESP (vfat) | systemd-boot and each version's unified kernel image; GRUB's config, each version's entry and each OS image's kernel and initramfs |
 //! | 2 | BIOS boot | GRUB's core image (legacy BIOS) |
-//! | 3 | root slot A (erofs) | this version's read-only OS and appliance (`appliance_<version>`) |
-//! | 4 | root slot B | empty (`_empty`): the next version's, written by an update |
+//! | 3 | root slot A (erofs) | this version's read-only OS image (`appliance_<os version>`) |
+//! | 4 | root slot B | empty (`_empty`): the next OS image's, written by an update |
 //! | 5 | var (ext4) | all state; grown to fill the disk on first boot; as built, only the appliance extension |
 //!
 //! UEFI firmware starts systemd-boot, BIOS starts GRUB from the MBR; both
 //! boot a version's kernel with its root found by PARTUUID (see `boot.rs`).
+//! The OS image's version is the version's, or with `--base-release` an
+//! earlier release's whose OS image comes out the same (`base_release.rs`).
 //! The layers' `/usr` is not in the root but in the appliance extension on
 //! the state partition, laid over `/usr` by the initramfs (`extension.rs`).
 //! Beside the images, `update/` holds this version as an update (see
@@ -21,6 +23,7 @@
 
 mod assemble;
 mod base;
+pub mod base_release;
 mod boot;
 mod cached;
 pub mod extension;
@@ -80,7 +83,8 @@ pub fn preflight(project: &Project) -> Result<()> {
 
 /// Builds the disk image of `plan` from the merged tree of its layers
 /// (embedded images included), as image version `version`, its update
-/// signed and trusted with `keys`.
+/// signed and trusted with `keys`; over the OS image of `base` when this
+/// build's comes out the same (`base_release.rs`).
 ///
 /// Two cached steps: the OS image (base, image store, `/etc`, boot files:
 /// the disk with an empty state partition, and its update files), which site
@@ -94,6 +98,7 @@ pub fn build(
     cache: &Cache,
     epoch: u64,
     version: &str,
+    base_release: Option<&base_release::BaseRelease>,
     keys: &signing::Keys,
     progress: &mut Progress,
 ) -> Result<DiskImages> {
@@ -111,23 +116,18 @@ pub fn build(
     let os_units: Vec<&String> = (spec.base.enable.iter())
         .filter(|u| !ext_units.contains(u))
         .collect();
-    let os = os_image(
-        &OsInputs {
-            project,
-            plan,
-            spec: &spec,
-            tree: &split.os,
-            units: &os_units,
-            base: &base,
-            tools: &tools,
-            seed: &seed,
-            builder: &builder,
-        },
-        cache,
-        epoch,
-        version,
-        progress,
-    )?;
+    let inputs = OsInputs {
+        project,
+        plan,
+        spec: &spec,
+        tree: &split.os,
+        units: &os_units,
+        base: &base,
+        tools: &tools,
+        seed: &seed,
+        builder: &builder,
+    };
+    let os = os_over_release(&inputs, cache, epoch, version, base_release, progress)?;
 
     // The finished images are cached by everything that decides their bytes, so a
     // warm build with nothing changed only copies them out.
@@ -159,7 +159,17 @@ pub fn build(
             {
                 remove_entry(&os)?;
             }
-            return build(project, plan, merged, cache, epoch, version, keys, progress);
+            return build(
+                project,
+                plan,
+                merged,
+                cache,
+                epoch,
+                version,
+                base_release,
+                keys,
+                progress,
+            );
         }
     }
     let mut built = false;
@@ -272,13 +282,53 @@ struct OsInputs<'a> {
     builder: &'a [u8; 32],
 }
 
+/// The OS image of version `version`: with the base release's OS version
+/// when it comes out byte for byte as that release's root (then the update
+/// carries only the boot entry and the appliance extension), else its own.
+fn os_over_release(
+    inputs: &OsInputs,
+    cache: &Cache,
+    epoch: u64,
+    version: &str,
+    base_release: Option<&base_release::BaseRelease>,
+    progress: &mut Progress,
+) -> Result<PathBuf> {
+    let Some(release) = base_release.filter(|r| r.os_version != version) else {
+        return os_image(inputs, cache, epoch, version, version, progress);
+    };
+    let os = os_image(inputs, cache, epoch, &release.os_version, version, progress)?;
+    let sums = fs::read_to_string(os.join(update::OS_SUMS))?;
+    let same = (sums.lines()).any(|l| {
+        l.split_once("  ")
+            .is_some_and(|(sum, name)| (name, sum) == (&release.root.0[..], &release.root.1[..]))
+    });
+    if same {
+        progress.note(&format!(
+            "disk: the OS image is {}'s (OS version {}): the update carries the boot entry and \
+             the appliance extension only",
+            release.dir.display(),
+            release.os_version
+        ));
+        return Ok(os);
+    }
+    progress.note(&format!(
+        "disk: the OS image differs from {}'s (OS version {}): version {version} brings its own",
+        release.dir.display(),
+        release.os_version
+    ));
+    remove_entry(&os)?;
+    os_image(inputs, cache, epoch, version, version, progress)
+}
+
 /// The OS image's cached directory: `os.raw` (the whole disk, its state
-/// partition empty), `update/` with the OS's update files and their sums,
+/// partition empty; root and kernel of OS version `os_version`, the boot
+/// entry of `version`), `update/` with the OS's update files and their sums,
 /// and `info.json`.
 fn os_image(
     inputs: &OsInputs,
     cache: &Cache,
     epoch: u64,
+    os_version: &str,
     version: &str,
     progress: &mut Progress,
 ) -> Result<PathBuf> {
@@ -300,6 +350,7 @@ fn os_image(
         .add(base.root.as_os_str().as_encoded_bytes())
         .add(tools.root.as_os_str().as_encoded_bytes())
         .add(seed.as_bytes())
+        .add(os_version.as_bytes())
         .add(version.as_bytes())
         .add(unit_list(units).as_bytes())
         .add_tree(tree);
@@ -318,18 +369,28 @@ fn os_image(
             &embedded,
             scratch.path(),
             epoch,
-            version,
+            os_version,
         )?;
-        let uuids = partition::root_uuids(seed, version);
+        let uuids = partition::root_uuids(seed, os_version);
         progress.note(&format!(
-            "disk: version {version}: root file system, unified kernel image, boot files"
+            "disk: OS version {os_version}: root file system; version {version}: unified kernel \
+             image, boot files"
         ));
-        let boot = boot::make(spec, tools, scratch.path(), &staged, version, &uuids, epoch)?;
+        let boot = boot::make(
+            spec,
+            tools,
+            scratch.path(),
+            &staged,
+            version,
+            os_version,
+            &uuids,
+            epoch,
+        )?;
         progress.note("disk: partitioning (systemd-repart) and installing boot loaders");
         let partitions =
-            partition::make(spec, tools, scratch.path(), seed, epoch, version, &uuids)?;
+            partition::make(spec, tools, scratch.path(), seed, epoch, os_version, &uuids)?;
         progress.note("disk: the OS image's update files (update/)");
-        update::make_os(scratch.path(), version, &uuids.partition, epoch)?;
+        update::make_os(scratch.path(), os_version, version, &uuids.partition, epoch)?;
         let raw = scratch.path().join("disk.raw");
         // The state of SHA-256 up to the state partition: each set of site
         // values hashes only that partition and the rest of the disk.
@@ -341,6 +402,7 @@ fn os_image(
         let info = DiskInfo {
             image_id: version::IMAGE_ID.to_string(),
             image_version: version.to_string(),
+            os_version: os_version.to_string(),
             suite: crate::debian::SUITE.to_string(),
             kernel: staged.kernel,
             kernel_cmdline: boot.cmdline,
@@ -367,7 +429,7 @@ fn os_image(
                 changed.join(", ")
             ));
             remove_entry(&dir)?;
-            return os_image(inputs, cache, epoch, version, progress);
+            return os_image(inputs, cache, epoch, os_version, version, progress);
         }
         progress.note("disk: the OS image is cached (only the appliance extension is new)");
     }
@@ -405,7 +467,7 @@ const OS_RAW: &str = "os.raw";
 const RAW_MIDSTATE: &str = "raw-midstate.json";
 
 /// Bump when the disk image changes in a way nothing in its key shows.
-const IMAGE_VERSION: &str = "4";
+const IMAGE_VERSION: &str = "5";
 const RAW: &str = "disk.raw";
 const QCOW2: &str = "disk.qcow2";
 const INFO: &str = "info.json";

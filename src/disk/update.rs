@@ -4,11 +4,16 @@
 //!
 //! | file | installed as |
 //! |---|---|
-//! | `appliance_<v>_<uuid>.root.gz` | the empty root slot (label `appliance_<v>`, PARTUUID `<uuid>`) |
+//! | `appliance_<o>_<uuid>.root.gz` | the empty root slot (label `appliance_<o>`, PARTUUID `<uuid>`) |
+//! | `appliance_<o>.vmlinuz`, `.initrd` | `appliance/` on the ESP (BIOS; the UKI holds its own) |
 //! | `appliance_<v>.efi` | `EFI/Linux/appliance_<v>+3-0.efi` on the ESP (UEFI) |
-//! | `appliance_<v>.vmlinuz`, `.initrd`, `.grub.cfg` | `appliance/` on the ESP (BIOS) |
+//! | `appliance_<v>.grub.cfg` | `appliance/` on the ESP (BIOS) |
 //! | `appliance_<v>.sysext.raw` | `/var/lib/appliance/extensions/matrix-appliance_<v>.raw`, the appliance extension (`extension.rs`) |
 //! | `SHA256SUMS` | the list systemd-sysupdate checks every file against |
+//!
+//! `<o>` is the OS image's version, `<v>` the version's (see `boot.rs`): the
+//! first three files are the OS image's, which a machine already running
+//! that OS does not download again.
 //!
 //! The root is gzip-compressed (systemd-sysupdate 257 reads xz, gzip and
 //! bzip2, not zstd). Not xz: the erofs root is lz4-compressed already, so xz
@@ -36,22 +41,26 @@ pub struct UpdateFile {
 /// Writes the OS image's update files into `scratch/update/` from the staged
 /// root image and ESP, and their lines of `SHA256SUMS` into
 /// `scratch/update.sums` (hashed once, with the OS image cached).
-pub fn make_os(scratch: &Path, version: &str, root_uuid: &str, epoch: u64) -> Result<()> {
+pub fn make_os(
+    scratch: &Path,
+    os_version: &str,
+    version: &str,
+    root_uuid: &str,
+    epoch: u64,
+) -> Result<()> {
+    let os = stem(os_version);
     let stem = stem(version);
     let dir = scratch.join("update");
     fs::create_dir_all(&dir)?;
     compress_root(
         &scratch.join("root.erofs"),
-        &dir.join(format!("{stem}_{root_uuid}.root.gz")),
+        &dir.join(format!("{os}_{root_uuid}.root.gz")),
     )?;
     let esp = scratch.join("esp");
     for (from, name) in [
         (format!("EFI/Linux/{stem}.efi"), format!("{stem}.efi")),
-        (
-            format!("appliance/{stem}.vmlinuz"),
-            format!("{stem}.vmlinuz"),
-        ),
-        (format!("appliance/{stem}.initrd"), format!("{stem}.initrd")),
+        (format!("appliance/{os}.vmlinuz"), format!("{os}.vmlinuz")),
+        (format!("appliance/{os}.initrd"), format!("{os}.initrd")),
         (
             format!("appliance/{stem}.grub.cfg"),
             format!("{stem}.grub.cfg"),

@@ -62,12 +62,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 /// (no `_`, `+` or `-`: they separate fields in update file names and boot
 /// counters), and fit a GPT label.
 fn check(version: &str, what: &str) -> Result<String> {
-    let ok = version.len() <= MAX_LEN
-        && version.starts_with(|c: char| c.is_ascii_digit())
-        && version
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '.');
-    if ok {
+    if is_valid(version) {
         Ok(version.to_string())
     } else {
         Err(usage(format!(
@@ -75,6 +70,64 @@ fn check(version: &str, what: &str) -> Result<String> {
              letters, digits and dots, at most {MAX_LEN} characters (e.g. \"2.1\" or \
              \"20261205.1\")"
         )))
+    }
+}
+
+/// Whether `version` may name an image (see [`resolve`]'s rules).
+pub fn is_valid(version: &str) -> bool {
+    version.len() <= MAX_LEN
+        && version.starts_with(|c: char| c.is_ascii_digit())
+        && version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.')
+}
+
+/// Orders two valid versions as systemd-sysupdate does (its
+/// `strverscmp_improved`, for the characters a version may hold): runs of
+/// digits compare as numbers, runs of letters as text, a digit run is newer
+/// than a letter run, a `.` newer than anything else there, and a version
+/// that goes on past a shared prefix is newer.
+pub fn compare(a: &str, b: &str) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    let (mut a, mut b) = (a.as_bytes(), b.as_bytes());
+    let run = |s: &[u8], digits: bool| {
+        (s.iter())
+            .take_while(|c| {
+                if digits {
+                    c.is_ascii_digit()
+                } else {
+                    c.is_ascii_alphabetic()
+                }
+            })
+            .count()
+    };
+    loop {
+        match (a.first(), b.first()) {
+            (None, None) => return Ordering::Equal,
+            (None, Some(_)) => return Ordering::Less,
+            (Some(_), None) => return Ordering::Greater,
+            (Some(b'.'), Some(b'.')) => (a, b) = (&a[1..], &b[1..]),
+            (Some(b'.'), _) => return Ordering::Greater,
+            (_, Some(b'.')) => return Ordering::Less,
+            (Some(x), Some(y)) if x.is_ascii_digit() || y.is_ascii_digit() => {
+                let zeros = |s: &[u8]| s.iter().take_while(|c| **c == b'0').count();
+                (a, b) = (&a[zeros(a)..], &b[zeros(b)..]);
+                let (la, lb) = (run(a, true), run(b, true));
+                let order = la.cmp(&lb).then_with(|| a[..la].cmp(&b[..lb]));
+                if order != Ordering::Equal {
+                    return order;
+                }
+                (a, b) = (&a[la..], &b[lb..]);
+            }
+            _ => {
+                let (la, lb) = (run(a, false), run(b, false));
+                let order = a[..la].cmp(&b[..lb]);
+                if order != Ordering::Equal {
+                    return order;
+                }
+                (a, b) = (&a[la..], &b[lb..]);
+            }
+        }
     }
 }
 
@@ -101,6 +154,26 @@ mod tests {
             let v = from_epoch(epoch);
             assert!(v > last, "{v} after {last}");
             last = v;
+        }
+    }
+
+    #[test]
+    fn versions_order_as_systemd_orders_them() {
+        use std::cmp::Ordering::*;
+        for (a, b, order) in [
+            ("2", "10", Less),
+            ("20231115.1", "20231114.221320", Greater),
+            ("20231116.1", "20231115.1", Greater),
+            ("1.2", "1.2.1", Less),
+            ("1.02", "1.2", Equal),
+            ("2a", "2", Greater),
+            ("2a", "2b", Less),
+            ("1.2", "1a", Greater),
+            ("2", "a", Greater),
+            ("3", "3", Equal),
+        ] {
+            assert_eq!(compare(a, b), order, "{a} vs {b}");
+            assert_eq!(compare(b, a), order.reverse(), "{b} vs {a}");
         }
     }
 

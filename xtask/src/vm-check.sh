@@ -13,8 +13,8 @@
 # containers' groups. The part after the update runs only when vm-test sets after_update
 # (non-empty) and, with it, the values it needs: matrix_host, room, text (the first boot's
 # message), identity_sha, upload_limit, stale_image (empty: not checked), version (the one
-# that must run), previous (the one installed beside it), failed (one that must be marked
-# bad, or empty), telegram_api_hash, identity() (the same command as its SSH check) and
+# that must run), previous (the OS image in the other root slot), failed (one that must be
+# marked bad, or empty), telegram_api_hash, identity() (the same command as its SSH check) and
 # journal_check() (vm-journal.sh). vm-test sets them above this text.
 
 problems=
@@ -64,8 +64,10 @@ if touch /usr/.vm-test 2>/dev/null; then fail "/usr is writable"; fi
 usr=$(findmnt -no FSTYPE,OPTIONS /usr)
 printf '%s' "$usr" | grep -Eq '^overlay +ro' ||
 	fail "/usr is not the appliance extension laid over the root (a read-only overlay): $usr"
-running=$(. /etc/os-release && printf '%s' "${IMAGE_VERSION:-}")
+# The version booted: its boot entry names it on the kernel command line.
+running=$(tr ' ' '\n' </proc/cmdline | sed -n 's/^appliance\.version=//p')
 ext_version=$(sed -n 's/^IMAGE_VERSION=//p' /usr/lib/extension-release.d/extension-release.matrix-appliance 2>/dev/null)
+[ -n "$running" ] || running='(none on the kernel command line)'
 [ "$ext_version" = "$running" ] ||
 	fail "the appliance extension over /usr is version ${ext_version:-none}, not the running ${running:-?}"
 # /var a file system of its own on its partition, grown: 20 GiB less the ESP and the two 3 GiB
@@ -139,13 +141,13 @@ fi
 
 # The update: this version runs from its own root slot, passed its health gate and is kept
 # (UEFI: systemd-bless-boot took the tries out of its entry's name; both: GRUB's good
-# version); the other slot holds the previous (or failed) version; a failed one is marked
+# version); the other slot holds the previous OS image; a failed version is marked
 # bad for both boot loaders.
-# shellcheck source=/dev/null # the image's os-release
-running=$(. /etc/os-release && echo "$IMAGE_VERSION")
 [ "$running" = "$version" ] || fail "version $running runs, not $version"
-grep -q "root=PARTUUID=$(lsblk -rno PARTUUID,PARTLABEL | awk -v l="appliance_$version" '$2 == l {print $1}') " /proc/cmdline ||
-	fail "the kernel's root is not the PARTUUID of slot appliance_$version: $(cat /proc/cmdline)"
+# shellcheck source=/dev/null # the image's os-release
+os=$(. /etc/os-release && echo "$IMAGE_VERSION")
+grep -q "root=PARTUUID=$(lsblk -rno PARTUUID,PARTLABEL | awk -v l="appliance_$os" '$2 == l {print $1}') " /proc/cmdline ||
+	fail "the kernel's root is not the PARTUUID of slot appliance_$os: $(cat /proc/cmdline)"
 lsblk -rno PARTLABEL | grep -qx "appliance_$previous" || fail "the other slot is not appliance_$previous"
 uefi=
 [ ! -d /sys/firmware/efi ] || uefi=1

@@ -54,8 +54,8 @@ pub(super) struct AfterUpdate<'a> {
     pub(super) identity_sha: &'a str,
     /// The updated image's max_upload_size.
     pub(super) upload_limit: &'a str,
-    /// The version that must run, the one installed beside it, and one
-    /// that must be marked bad ("" for none).
+    /// The version that must run, the OS image in the other root slot, and
+    /// a version that must be marked bad ("" for none).
     pub(super) version: &'a str,
     pub(super) previous: &'a str,
     pub(super) failed: &'a str,

@@ -242,6 +242,7 @@ pub fn run(args: &[String]) -> Result<()> {
     // The newer version (another upload limit) and a broken one (its
     // Synapse never starts), built now while no VM runs; served to the guest
     // as updates from a loopback HTTP server (first a tampered copy).
+    let first_update = first_image.join("update");
     let newer = build(
         "out-newer",
         &[
@@ -252,11 +253,16 @@ pub fn run(args: &[String]) -> Result<()> {
             "postgres_major=18",
             "--version",
             NEWER_VERSION,
+            // Over the first as its base release: its OS image differs (the
+            // embedded PostgreSQL), so it brings its own (the slots' labels
+            // after the update show it).
+            "--base-release",
+            first_update.to_str().context("a UTF-8 work path")?,
         ],
     )?;
     // Its qcow2 stays: the new machine the backup is restored on.
     remove_images(&newer, &["raw", "bundle.tar"])?;
-    let broken = build_broken(&build, &work)?;
+    let broken = build_broken(&build, &work, &newer.join("update"))?;
     let update = newer.join("update");
     let tampered = tampered_copy(&update, &work.join("update-tampered"))?;
     let wrong_key = wrongly_signed_copy(&tools.root, &work, &update)?;
@@ -347,12 +353,27 @@ pub fn run(args: &[String]) -> Result<()> {
     );
     eprintln!("vm-test: an older version offered by the server is not installed");
     let kept = vm.back_up()?;
+    // The broken version keeps the newer one's OS image: only its entry and
+    // extension are fetched, the root slots stay as they are.
     server.serve(broken.join("update"));
+    let slots = vm.ssh(SLOTS)?;
     let out = vm.ssh("matrixctl update apply --no-reboot 2>&1")?;
     ensure!(
-        out.contains(&format!("{BROKEN_VERSION} installed")),
-        "the broken version was not installed:\n{out}"
+        out.contains(&format!(
+            "{BROKEN_VERSION} installed beside {NEWER_VERSION}, over the OS image {NEWER_VERSION} \
+             already here"
+        )) && !out.contains(".root.")
+            && vm.ssh(SLOTS)? == slots,
+        "the broken version was not installed over the running OS image alone:\n{out}"
     );
+    let status = vm.ssh("matrixctl update status")?;
+    ensure!(
+        status.contains(&format!(
+            "installed: {BROKEN_VERSION} (OS image {NEWER_VERSION})"
+        )) && status.contains(&format!("running:   {NEWER_VERSION} (OS image {NEWER_VERSION})")),
+        "matrixctl update status does not show the broken version over the running OS image:\n{status}"
+    );
+    eprintln!("vm-test: the broken version (its appliance part only) is installed; the root slots unchanged");
     vm.shutdown(qemu)?;
 
     // UEFI, from the disk made raw: the broken version fails its health gate
@@ -360,8 +381,9 @@ pub fn run(args: &[String]) -> Result<()> {
     // which checks itself from the inside (no SSH: a unit passed in as
     // credentials checks, says so on the console and powers the VM off).
     vm.make_disk_raw()?;
+    // The broken version ran over the kept one's OS image: the other root
+    // slot still holds the first.
     let fallback = CheckInside::after_update(AfterUpdate {
-        previous: BROKEN_VERSION,
         failed: BROKEN_VERSION,
         stale_image: "",
         ..updated

@@ -13,6 +13,7 @@ pub(super) const SLOTS: &str =
 pub(super) fn build_broken(
     build: &dyn Fn(&str, &[&str]) -> Result<PathBuf>,
     work: &Path,
+    base_release: &Path,
 ) -> Result<PathBuf> {
     let project = work.join("broken-project");
     let _ = fs::remove_dir_all(&project);
@@ -63,8 +64,43 @@ pub(super) fn build_broken(
             "postgres_major=18",
             "--version",
             BROKEN_VERSION,
+            // Its change is in the appliance's /usr only: it keeps the
+            // newer version's OS image, and its update leaves the root out.
+            "--base-release",
+            base_release.to_str().context("a UTF-8 work path")?,
         ],
     )?;
+    let sums = |dir: &Path| -> Result<Vec<(String, String)>> {
+        let text = fs::read_to_string(dir.join("update/SHA256SUMS"))?;
+        Ok(text
+            .lines()
+            .filter_map(|l| l.split_once("  "))
+            .map(|(sum, name)| (name.to_string(), sum.to_string()))
+            .collect())
+    };
+    let base = sums(
+        base_release
+            .parent()
+            .context("the base release's directory")?,
+    )?;
+    let (shared, own): (Vec<_>, Vec<_>) = sums(&out)?.into_iter().partition(|f| base.contains(f));
+    let mut shared: Vec<&str> = shared.iter().map(|(n, _)| n.as_str()).collect();
+    let own: Vec<&str> = own.iter().map(|(n, _)| n.as_str()).collect();
+    shared.sort();
+    ensure!(
+        shared.len() == 3
+            && shared[0].ends_with(".initrd")
+            && shared[1].ends_with(".root.gz")
+            && shared[2].ends_with(".vmlinuz")
+            && own
+                == [
+                    format!("appliance_{BROKEN_VERSION}.efi"),
+                    format!("appliance_{BROKEN_VERSION}.grub.cfg"),
+                    format!("appliance_{BROKEN_VERSION}.sysext.raw"),
+                ],
+        "the broken version's update does not keep the newer one's OS image (root, kernel, \
+         initramfs) and bring its own entry and extension: shared {shared:?}, its own {own:?}"
+    );
     remove_images(&out, &["raw", "qcow2", "bundle.tar"])?;
     fs::remove_dir_all(&project)?;
     Ok(out)
