@@ -87,11 +87,12 @@ pub(super) fn build_broken(
     let mut shared: Vec<&str> = shared.iter().map(|(n, _)| n.as_str()).collect();
     let own: Vec<&str> = own.iter().map(|(n, _)| n.as_str()).collect();
     shared.sort();
+    let os_files = [".initrd", ".root.gz", ".vmlinuz"];
     ensure!(
-        shared.len() == 3
-            && shared[0].ends_with(".initrd")
-            && shared[1].ends_with(".root.gz")
-            && shared[2].ends_with(".vmlinuz")
+        shared.len() == os_files.len()
+            && os_files
+                .iter()
+                .all(|ext| shared.iter().any(|n| n.ends_with(ext)))
             && own
                 == [
                     format!("appliance_{BROKEN_VERSION}.efi"),
