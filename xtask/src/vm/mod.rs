@@ -21,18 +21,14 @@
 //!    trial, which runs the next PostgreSQL major (18; the first version
 //!    runs 17): it moves the databases at its first boot, must pass its
 //!    health gate and be kept, and then removes 17's cluster; a broken
-//!    version (its Synapse never starts), built over it (`--base-release`)
-//!    with only its appliance part new, is applied: its entry and extension
-//!    alone are fetched, the root slots stay as they are;
+//!    version (its Synapse never starts) is applied;
 //! 3. UEFI, from the disk made raw: the broken version, its unified kernel
 //!    image renamed from the host to one try left (as after two failed
 //!    tries), fails it and systemd-boot boots the kept version again;
 //! 4. BIOS: the broken version back on trial for GRUB with no try left (as
 //!    after its failed tries): GRUB marks it bad and boots the kept version;
-//! 5. a new machine (UEFI) with no metadata at all, from the image of a
-//!    version built over the newer one with only its appliance part new
-//!    (`--base-release`; its entry boots the newer one's OS image), comes up
-//!    on DHCP and restores the backup made on the second boot.
+//! 5. a new machine (UEFI) from the newer image with no metadata at all
+//!    comes up on DHCP and restores the backup made on the second boot.
 //!
 //! Each boot waits for the appliance's own console line ("matrix-appliance:
 //! ready"). The first two are then checked from outside, over SSH and the
@@ -104,9 +100,6 @@ const NEWER_VERSION: &str = "20231115.1";
 /// A version whose Synapse never starts (a test-only layer): its tries must
 /// fail and the newer version boot again.
 const BROKEN_VERSION: &str = "20231116.1";
-/// A version over the newer one's OS image with only its appliance part
-/// new: the image the new machine of the restore boots.
-const APPLIANCE_ONLY_VERSION: &str = "20231115.2";
 /// The clock of the test keys' making: before TESTS_EPOCH.
 const KEYS_EPOCH: &str = "1690000000";
 /// Where the guest finds the update server (qemu's guestfwd to loopback).
@@ -267,30 +260,9 @@ pub fn run(args: &[String]) -> Result<()> {
             first_update.to_str().context("a UTF-8 work path")?,
         ],
     )?;
-    remove_images(&newer, &["raw", "qcow2", "bundle.tar"])?;
+    // Its qcow2 stays: the new machine the backup is restored on.
+    remove_images(&newer, &["raw", "bundle.tar"])?;
     let broken = build_broken(&build, &work, &newer.join("update"))?;
-    // The newer version with another upload limit, built over it as its base
-    // release: its appliance part alone is new. Its qcow2 is the new machine
-    // the backup is restored on.
-    let appliance_only = build(
-        "out-appliance-only",
-        &[
-            "--set",
-            "max_upload_size=78M",
-            "--set",
-            "postgres_major=18",
-            "--version",
-            APPLIANCE_ONLY_VERSION,
-            "--base-release",
-            newer.join("update").to_str().context("a UTF-8 work path")?,
-        ],
-    )?;
-    check_over_os_image_of(
-        &appliance_only,
-        &newer.join("update"),
-        APPLIANCE_ONLY_VERSION,
-    )?;
-    remove_images(&appliance_only, &["raw", "bundle.tar"])?;
     let update = newer.join("update");
     let tampered = tampered_copy(&update, &work.join("update-tampered"))?;
     let wrong_key = wrongly_signed_copy(&tools.root, &work, &update)?;
@@ -430,13 +402,8 @@ pub fn run(args: &[String]) -> Result<()> {
     vm.set_grub_trial(&first_image, BROKEN_VERSION, 0)?;
     vm.expect_fallback(Firmware::Bios, &fallback, 0)?;
 
-    // The disk is lost: a new machine from an image of the same OS restores the backup.
-    vm.restore_on_fresh_machine(
-        &appliance_only.join(format!("{PROFILE}.qcow2")),
-        &format!("running:   {APPLIANCE_ONLY_VERSION} (OS image {NEWER_VERSION})"),
-        &kept,
-        &room,
-    )?;
+    // The disk is lost: a new machine from the same image restores the backup.
+    vm.restore_on_fresh_machine(&newer.join(format!("{PROFILE}.qcow2")), &kept, &room)?;
     drop(rest);
     let total = started.elapsed();
     eprintln!(

@@ -7,42 +7,6 @@ use super::*;
 pub(super) const SLOTS: &str =
     "udevadm settle; lsblk -rno PARTLABEL | grep -E '^(appliance_|_empty)' | sort | tr '\\n' ' '";
 
-/// `out`'s update/ (version `version`) shares its OS image's files (root,
-/// kernel, initramfs) with `base_release` and brings its own entry and
-/// appliance extension only.
-pub(super) fn check_over_os_image_of(out: &Path, base_release: &Path, version: &str) -> Result<()> {
-    let sums = |dir: &Path| -> Result<Vec<(String, String)>> {
-        let text = fs::read_to_string(dir.join("SHA256SUMS"))?;
-        Ok(text
-            .lines()
-            .filter_map(|l| l.split_once("  "))
-            .map(|(sum, name)| (name.to_string(), sum.to_string()))
-            .collect())
-    };
-    let base = sums(base_release)?;
-    let (shared, own): (Vec<_>, Vec<_>) =
-        (sums(&out.join("update"))?.into_iter()).partition(|f| base.contains(f));
-    let shared: Vec<&str> = shared.iter().map(|(n, _)| n.as_str()).collect();
-    let own: Vec<&str> = own.iter().map(|(n, _)| n.as_str()).collect();
-    let os_files = [".initrd", ".root.gz", ".vmlinuz"];
-    ensure!(
-        shared.len() == os_files.len()
-            && os_files
-                .iter()
-                .all(|ext| shared.iter().any(|n| n.ends_with(ext)))
-            && own
-                == [
-                    format!("appliance_{version}.efi"),
-                    format!("appliance_{version}.grub.cfg"),
-                    format!("appliance_{version}.sysext.raw"),
-                ],
-        "{version}'s update does not keep the OS image (root, kernel, initramfs) of {} and \
-         bring its own entry and extension: shared {shared:?}, its own {own:?}",
-        base_release.display()
-    );
-    Ok(())
-}
-
 /// Builds the broken version: the project copied with a test-only layer
 /// whose drop-in makes Synapse's unit fail before it starts, added to the
 /// profile (so the build is the same profile, other than that).
@@ -106,7 +70,38 @@ pub(super) fn build_broken(
             base_release.to_str().context("a UTF-8 work path")?,
         ],
     )?;
-    check_over_os_image_of(&out, base_release, BROKEN_VERSION)?;
+    let sums = |dir: &Path| -> Result<Vec<(String, String)>> {
+        let text = fs::read_to_string(dir.join("update/SHA256SUMS"))?;
+        Ok(text
+            .lines()
+            .filter_map(|l| l.split_once("  "))
+            .map(|(sum, name)| (name.to_string(), sum.to_string()))
+            .collect())
+    };
+    let base = sums(
+        base_release
+            .parent()
+            .context("the base release's directory")?,
+    )?;
+    let (shared, own): (Vec<_>, Vec<_>) = sums(&out)?.into_iter().partition(|f| base.contains(f));
+    let mut shared: Vec<&str> = shared.iter().map(|(n, _)| n.as_str()).collect();
+    let own: Vec<&str> = own.iter().map(|(n, _)| n.as_str()).collect();
+    shared.sort();
+    let os_files = [".initrd", ".root.gz", ".vmlinuz"];
+    ensure!(
+        shared.len() == os_files.len()
+            && os_files
+                .iter()
+                .all(|ext| shared.iter().any(|n| n.ends_with(ext)))
+            && own
+                == [
+                    format!("appliance_{BROKEN_VERSION}.efi"),
+                    format!("appliance_{BROKEN_VERSION}.grub.cfg"),
+                    format!("appliance_{BROKEN_VERSION}.sysext.raw"),
+                ],
+        "the broken version's update does not keep the newer one's OS image (root, kernel, \
+         initramfs) and bring its own entry and extension: shared {shared:?}, its own {own:?}"
+    );
     remove_images(&out, &["raw", "qcow2", "bundle.tar"])?;
     fs::remove_dir_all(&project)?;
     Ok(out)
