@@ -8,6 +8,15 @@ use std::fs;
 
 use common::{assert_exit, stderr, Project};
 
+/// A refused build leaves no output directory.
+fn assert_wrote_nothing(p: &Project) {
+    assert!(
+        !p.out().exists(),
+        "a refused build wrote {:?}",
+        p.out_files()
+    );
+}
+
 #[test]
 fn a_bad_image_version_is_a_usage_error_naming_where_it_came_from() {
     let p = Project::copy_of_repo();
@@ -18,11 +27,7 @@ fn a_bad_image_version_is_a_usage_error_naming_where_it_came_from() {
         err.contains("--version \"1_2\" is not a valid image version"),
         "{err}"
     );
-    assert!(
-        !p.out().exists(),
-        "a refused build wrote {:?}",
-        p.out_files()
-    );
+    assert_wrote_nothing(&p);
 
     let profile = p.root().join("profiles/vps.toml");
     let text = fs::read_to_string(&profile).unwrap();
@@ -95,11 +100,7 @@ fn a_base_release_that_cannot_be_built_on_is_a_usage_error() {
         "{}",
         stderr(&o)
     );
-    assert!(
-        !p.out().exists(),
-        "a refused build wrote {:?}",
-        p.out_files()
-    );
+    assert_wrote_nothing(&p);
 }
 
 #[test]
@@ -161,11 +162,7 @@ fn signing_keys_need_a_disk_image_and_a_readable_file() {
         "{}",
         stderr(&o)
     );
-    assert!(
-        !p.out().exists(),
-        "a refused build wrote {:?}",
-        p.out_files()
-    );
+    assert_wrote_nothing(&p);
 }
 
 /// `appliance-update` as the disk image has it, rendered, and the shell

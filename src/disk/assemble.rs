@@ -71,6 +71,12 @@ pub fn stage(
 fn name_the_image(root: &Path, version: &str) -> Result<()> {
     let path = root.join("usr/lib/os-release");
     let text = fs::read_to_string(&path).context("the base has no /usr/lib/os-release")?;
+    fs::write(&path, named_os_release(&text, version))?;
+    Ok(())
+}
+
+/// os-release text naming the image and `version` (its last two lines).
+pub fn named_os_release(text: &str, version: &str) -> String {
     let mut lines: Vec<&str> = text
         .lines()
         .filter(|l| !l.starts_with("IMAGE_ID=") && !l.starts_with("IMAGE_VERSION="))
@@ -79,8 +85,7 @@ fn name_the_image(root: &Path, version: &str) -> Result<()> {
     let v = format!("IMAGE_VERSION={version}");
     lines.push(&id);
     lines.push(&v);
-    fs::write(&path, lines.join("\n") + "\n")?;
-    Ok(())
+    lines.join("\n") + "\n"
 }
 
 fn copy_tree(from: &Path, to: &Path) -> Result<()> {

@@ -71,15 +71,7 @@ pub fn make(
     // IMAGE_VERSION): the root's, naming the entry's version.
     let os_release = fs::read_to_string(scratch.join("root/usr/lib/os-release"))
         .context("reading the root's os-release")?;
-    let os_release: String = (os_release.lines())
-        .map(|l| {
-            if l.starts_with("IMAGE_VERSION=") {
-                format!("IMAGE_VERSION={version}\n")
-            } else {
-                format!("{l}\n")
-            }
-        })
-        .collect();
+    let os_release = super::assemble::named_os_release(&os_release, version);
     fs::write(scratch.join("kernel/os-release"), os_release)?;
     tools.mkfs_erofs(
         scratch,
